@@ -1,0 +1,180 @@
+"""One-call Python API: ``quantize(model, calib, method=..., w_bits=..., a_bits=...)``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from .config import CalibConfig, make_config
+from .engine import CalibReport, Calibrator
+from .graph import build_unit_model
+from .qmodel import QuantLayer, QuantSettings, build_quant_model
+from .quant import ActQuantizer
+
+STATE_VERSION = 1
+
+
+def collect_images(calib, limit: int | None = None) -> torch.Tensor:
+    """Stack calibration images into float32 ``[N, C, H, W]``.
+
+    Accepts a tensor, a ``Dataset`` of ``image`` or ``(image, label)`` items, or an iterable of
+    batches (e.g. a ``DataLoader``).
+    """
+    if isinstance(calib, torch.Tensor):
+        x = calib
+    else:
+        items = []
+        if hasattr(calib, "__getitem__") and hasattr(calib, "__len__"):
+            n = len(calib) if limit is None else min(limit, len(calib))
+            for i in range(n):
+                it = calib[i]
+                items.append((it[0] if isinstance(it, (tuple, list)) else it)[None])
+        else:
+            for batch in calib:
+                b = batch[0] if isinstance(batch, (tuple, list)) else batch
+                items.append(b if b.dim() == 4 else b[None])
+        if not items:
+            raise ValueError("the calibration data is empty")
+        x = torch.cat(items)
+    if limit is not None:
+        x = x[:limit]
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            f"calibration images must be a float tensor [N, C, H, W], got {tuple(x.shape)} "
+            f"{x.dtype}"
+        )
+    return x.float().contiguous()
+
+
+def quantize(
+    model: nn.Module,
+    calib,
+    method: str = "pdquant",
+    w_bits: int = 4,
+    a_bits: int = 4,
+    *,
+    preset: str | None = None,
+    log: Callable[[str], None] | None = print,
+    progress: bool = True,
+    **overrides,
+) -> tuple[fx.GraphModule, CalibReport]:
+    """Calibrate ``model`` with ``method`` and return ``(quantized_model, report)``.
+
+    Args:
+        model: an ``nn.Module`` classifier (not modified).
+        calib: calibration images: float32 ``[N, C, H, W]`` tensor, Dataset or DataLoader,
+            preprocessed as the model expects.
+        method: ``rtn`` | ``adaround`` | ``brecq`` | ``qdrop`` | ``pdquant``.
+        w_bits, a_bits: 2, 3, 4 or 8.
+        preset: ``resnet`` | ``regnet`` | ``mobilenet`` | ``mnasnet`` hyper-parameters (spec §4).
+        **overrides: any :class:`~pdquant_fast.config.CalibConfig` field (``iters``, ``seed``,
+            ``temperature``, ``pd_loss``, ``dist_correction``, ...).
+
+    The returned model is a ``torch.fx.GraphModule`` that runs with fake-quantized weights and
+    activations (weights: hard AdaRound rounding; activations: learned steps, no QDrop).
+    """
+    cfg = make_config(method, preset=preset, w_bits=w_bits, a_bits=a_bits, **overrides)
+    x = collect_images(calib)
+    torch.manual_seed(cfg.seed)
+    return Calibrator(model, x, cfg, log=log, progress=progress).run()
+
+
+def build_quantized_skeleton(model: nn.Module, cfg: CalibConfig) -> fx.GraphModule:
+    """The quantized model structure for ``cfg`` (uninitialised), for loading a saved state."""
+    top, units = build_unit_model(model)
+    s = QuantSettings(
+        cfg.w_bits, cfg.a_bits, cfg.first_layer_w_bits, cfg.last_layer_w_bits,
+        cfg.head_input_a_bits,
+    )
+    return build_quant_model(top, units, s)
+
+
+def quant_state(q: nn.Module) -> dict:
+    """Quantizer parameters of a calibrated model (no FP weights): a plain dict of tensors."""
+    out: dict = {"version": STATE_VERSION, "layers": {}, "acts": {}}
+    for name, m in q.named_modules():
+        if isinstance(m, QuantLayer):
+            wq = m.wq
+            out["layers"][name] = {
+                "bits": wq.bits,
+                "mode": wq.mode,
+                "delta": wq.delta.clone(),
+                "zp": wq.zp.clone(),
+                "round_up": (wq.alpha >= 0).to(torch.uint8) if wq.alpha is not None else None,
+            }
+        elif isinstance(m, ActQuantizer):
+            out["acts"][name] = {
+                "bits": m.bits,
+                "initialised": m.initialised,
+                "enabled": m.enabled,
+                "signed": m.signed,
+                "delta": m.delta.detach().clone(),
+                "zp": m.zp.clone(),
+            }
+    return out
+
+
+def load_quant_state(q: nn.Module, state: dict) -> nn.Module:
+    """Install a :func:`quant_state` into a skeleton from :func:`build_quantized_skeleton`."""
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"quantizer state version {state.get('version')!r} is not supported "
+            f"(this library reads version {STATE_VERSION})"
+        )
+    mods = dict(q.named_modules())
+    missing = [k for k in list(state["layers"]) + list(state["acts"]) if k not in mods]
+    if missing:
+        raise ValueError(f"quantizer state does not match the model: unknown modules {missing[:4]}")
+    for name, st in state["layers"].items():
+        m = mods[name]
+        m.wq.bits = st["bits"]
+        m.wq.delta = st["delta"].clone()
+        m.wq.zp = st["zp"].clone()
+        if st["mode"] == "hard":
+            up = st["round_up"].float()
+            m.wq.alpha = nn.Parameter(up * 2 - 1, requires_grad=False)  # sign encodes rounding
+        m.wq.mode = st["mode"]
+        m.weight_quant = True
+    for name, st in state["acts"].items():
+        a = mods[name]
+        a.bits = st["bits"]
+        a.delta.data = st["delta"].clone()
+        a.zp = st["zp"].clone()
+        a.initialised = st["initialised"]
+        a.enabled = st["enabled"]
+        a.signed = st["signed"]
+    return q.eval()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and rename (no partial file is left)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_quant_state(q: nn.Module, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(quant_state(q), buf)
+    atomic_write_bytes(Path(path), buf.getvalue())

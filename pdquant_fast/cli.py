@@ -1,0 +1,315 @@
+"""Command line: ``pdquant calibrate | eval | info``.
+
+Errors the user can fix (bad bit-width, missing data, mismatched weights, untraceable model,
+unwritable output folder) print one ``error:`` line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    pass
+
+
+def _sha256_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_set(items: list[str]) -> dict:
+    """``--set key=value`` overrides, values parsed as JSON where possible."""
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise CliError(f"--set expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def _prepare_out(out: str) -> Path:
+    p = Path(out)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CliError(f"output folder {out} is not writable: {exc.strerror or exc}") from exc
+    return p
+
+
+def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for i in range(len(ds)):
+        x, y = ds[i]
+        xs.append(x)
+        ys.append(int(y))
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _default_sources(model_name: str, args) -> None:
+    """The main job on a fresh machine: foolbox's ImageNet samples for EfficientNet-Lite0."""
+    if args.data is None:
+        if model_name != "efficientnet_lite0":
+            raise CliError(
+                "--data is required for this model (a folder of images, a CIFAR sprite PNG "
+                "folder, or a dataset.txt list file)"
+            )
+        args.data = "foolbox:imagenet"
+        if args.calib_size is None:
+            args.calib_size = 10
+        if not args.eval_data:
+            args.eval_data = ["foolbox:imagenet"]
+            args.eval_offset = args.calib_size
+            args.eval_size = args.eval_size or 20 - args.calib_size
+
+
+def _open(spec: str, pre, split):
+    from .data import foolbox_samples, open_image_source
+
+    if spec.startswith("foolbox:"):
+        return foolbox_samples(spec.split(":", 1)[1], pre)
+    return open_image_source(spec, pre, split=split)
+
+
+def cmd_calibrate(args) -> int:
+    from .api import atomic_write_json, collect_images, save_quant_state
+    from .config import make_config
+    from .data import sha256_of_ids, take_subset
+    from .engine import Calibrator, evaluate
+    from .info import collect_info
+    from .models.registry import build_model
+
+    out = _prepare_out(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, info = build_model(args.model, args.weights)
+    _default_sources(info.name, args)
+    overrides = _parse_set(args.set)
+    for key in ("iters", "seed", "dc_iters", "batch_size"):
+        v = getattr(args, key)
+        if v is not None:
+            overrides[key] = v
+    cfg = make_config(
+        args.method, preset=args.preset or info.preset, w_bits=args.w_bits, a_bits=args.a_bits,
+        **overrides,
+    )
+    calib_size = args.calib_size if args.calib_size is not None else 1024
+    src = _open(args.data, info.preprocess, args.split or "train")
+    calib_ds = take_subset(src, calib_size, option="--calib-size")
+    print(
+        f"pdquant {__version__}: {cfg.method} W{cfg.w_bits}A{cfg.a_bits} on {info.name} "
+        f"({info.weights_path or 'random init'}), {calib_size} calibration images from "
+        f"{src.source}, {cfg.iters} iterations/unit, seed {cfg.seed}",
+        flush=True,
+    )
+    x = collect_images(calib_ds)
+    evals = []
+    for spec in args.eval_data or []:
+        es = _open(spec, info.preprocess, args.eval_split or "test")
+        if args.eval_size is not None or args.eval_offset:
+            n = args.eval_size if args.eval_size is not None else len(es) - args.eval_offset
+            es = take_subset(es, n, offset=args.eval_offset, option="--eval-size")
+        if not es.has_labels:
+            raise CliError(f"evaluation data {spec} has no labels")
+        evals.append((spec, es))
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    q, report = Calibrator(model, x, cfg, progress=not args.no_progress).run()
+    calib_seconds = time.perf_counter() - t0
+    save_quant_state(q, out / "quant_state.pt")
+    results = {}
+    preds = {}
+    for spec, es in evals:
+        xe, ye = _stack(es)
+        fp = evaluate(model, xe, ye)
+        qq = evaluate(q, xe, ye)
+        results[spec] = {
+            "n": qq["n"],
+            "fp_top1": fp["top1"],
+            "top1": qq["top1"],
+            "fp_top5": fp["top5"],
+            "top5": qq["top5"],
+            "fp_correct": fp["correct"],
+            "correct": qq["correct"],
+            "source": es.source,
+            "list_sha256": sha256_of_ids(es.ids),
+        }
+        preds[spec] = {
+            "labels": ye.tolist(),
+            "fp_pred": fp["pred"].tolist(),
+            "pred": qq["pred"].tolist(),
+        }
+        print(
+            f"  {es.source}: FP32 top-1 {fp['top1']:.2f}% -> W{cfg.w_bits}A{cfg.a_bits} "
+            f"{cfg.method} top-1 {qq['top1']:.2f}% ({qq['correct']}/{qq['n']})",
+            flush=True,
+        )
+    first = results[evals[0][0]] if evals else {}
+    result = {
+        "model": info.name,
+        "method": cfg.method,
+        "w_bits": cfg.w_bits,
+        "a_bits": cfg.a_bits,
+        "iters": cfg.iters,
+        "seed": cfg.seed,
+        "fp_top1": first.get("fp_top1"),
+        "top1": first.get("top1"),
+        "calib_seconds": calib_seconds,
+        "calib_size": calib_size,
+        "calib_source": src.source,
+        "calib_list_sha256": sha256_of_ids(calib_ds.ids),
+        "weights": info.weights_path,
+        "weights_sha256": _sha256_file(info.weights_path),
+        "evals": results,
+        "config": cfg.to_dict(),
+        "units": [u.__dict__ for u in report.units],
+        "versions": collect_info(),
+        "threads": torch.get_num_threads(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_json(out / "predictions.json", preds)
+    atomic_write_json(out / "result.json", result)
+    print(f"calibration took {calib_seconds:.1f}s; wrote {out / 'result.json'}", flush=True)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import build_quantized_skeleton, load_quant_state
+    from .config import CalibConfig
+    from .engine import evaluate
+    from .models.registry import build_model
+
+    run = Path(args.run)
+    try:
+        result = json.loads((run / "result.json").read_text())
+        state = torch.load(run / "quant_state.pt", map_location="cpu", weights_only=True)
+    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+        raise CliError(f"{run} is not a finished calibration folder: {exc}") from exc
+    model, info = build_model(result["model"], args.weights or result["weights"])
+    cfg = CalibConfig(**result["config"])
+    q = load_quant_state(build_quantized_skeleton(model, cfg), state)
+    ds = _open(args.data, info.preprocess, args.split or "test")
+    if args.eval_size:
+        from .data import take_subset
+
+        ds = take_subset(ds, args.eval_size, option="--eval-size")
+    x, y = _stack(ds)
+    r = evaluate(q, x, y)
+    fp = evaluate(model, x, y)
+    print(
+        f"{ds.source}: FP32 top-1 {fp['top1']:.2f}%  quantized top-1 {r['top1']:.2f}% "
+        f"({r['correct']}/{r['n']})"
+    )
+    if args.out_json:
+        from .api import atomic_write_json
+        from .data import sha256_of_ids
+
+        atomic_write_json(
+            Path(args.out_json),
+            {
+                "run": str(run),
+                "source": ds.source,
+                "list_sha256": sha256_of_ids(ds.ids),
+                "n": r["n"],
+                "fp_top1": fp["top1"],
+                "top1": r["top1"],
+                "labels": y.tolist(),
+                "fp_pred": fp["pred"].tolist(),
+                "pred": r["pred"].tolist(),
+            },
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdquant", description="PD-Quant post-training quantization")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("calibrate", help="calibrate a model and write DIR/result.json")
+    c.add_argument("--model", required=True, help="cifar_resnet<6n+2> or efficientnet_lite0")
+    c.add_argument("--weights", help="state-dict file (default: packaged weights where they exist)")
+    c.add_argument("--data", help="calibration images (folder, sprite PNG(s), dataset.txt)")
+    c.add_argument("--split", help="train|test for CIFAR sprite folders (default train)")
+    c.add_argument("--calib-size", type=int, help="number of calibration images (default 1024)")
+    c.add_argument("--eval-data", action="append", help="labelled evaluation images (repeatable)")
+    c.add_argument("--eval-split", help="train|test for CIFAR sprite folders (default test)")
+    c.add_argument("--eval-size", type=int)
+    c.add_argument("--eval-offset", type=int, default=0)
+    c.add_argument("--method", default="pdquant", help="rtn|adaround|brecq|qdrop|pdquant")
+    c.add_argument("--w-bits", type=int, default=4)
+    c.add_argument("--a-bits", type=int, default=4)
+    c.add_argument("--iters", type=int, help="iterations per unit (official: 20000)")
+    c.add_argument("--dc-iters", type=int, help="distribution-correction steps (official: 500)")
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--preset", help="resnet|regnet|mobilenet|mnasnet (default: per model)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field")
+    c.add_argument("--threads", type=int)
+    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--out", required=True, help="output folder")
+    c.set_defaults(func=cmd_calibrate)
+    e = sub.add_parser("eval", help="evaluate a calibrated run folder on labelled images")
+    e.add_argument("run", help="folder written by pdquant calibrate")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split")
+    e.add_argument("--weights")
+    e.add_argument("--eval-size", type=int)
+    e.add_argument("--out-json", help="write accuracy and per-image predictions here")
+    e.set_defaults(func=cmd_eval)
+    i = sub.add_parser("info", help="versions, CPU features, available kernels")
+    i.set_defaults(func=lambda a: _info())
+    return p
+
+
+def _info() -> int:
+    from .info import main as info_main
+
+    return info_main([]) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .graph import GraphError
+    from .models.cifar_resnet import WeightsError
+    from .quant import QuantConfigError
+
+    known = (CliError, DataError, GraphError, WeightsError, QuantConfigError, ValueError,
+             ImportError, FileNotFoundError, PermissionError)
+    try:
+        return int(args.func(args) or 0)
+    except known as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

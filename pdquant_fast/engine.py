@@ -1,0 +1,473 @@
+"""The reconstruction engine: PD-Quant and its baselines (AdaRound, BRECQ, QDrop) on one loop.
+
+Per unit, in forward order (spec §2):
+
+1. cache the unit input from the quantized model (``X_q``, earlier units finalised) and from the
+   full-precision model (``X_fp``), incrementally (unit k's inputs are computed from unit k-1's
+   outputs, not by re-running the network from the image);
+2. distribution correction of ``X_fp`` towards the BN running statistics of the FP unit (spec §3),
+   batched over many 32-image groups at once with per-group loss normalisation, Adam and plateau
+   scheduler, so that each group follows exactly the trajectory of the official per-group loop;
+   skipped where the unit has no BatchNorm;
+3. the reconstruction target ``Y_c = FP_unit(X_c)``;
+4. activation-quantizer init on ``X_q[:256]`` (spec §1.4);
+5. AdaRound alpha + learnable activation steps, ``iters`` iterations of spec §2.3: QDrop input
+   mixing, one pass over ``[X_mix; X_q]``, reconstruction loss on the first half, PD loss on the
+   second half through the full-precision rest of the network, AdaRound regulariser;
+6. hard rounding, QDrop off, unit frozen.
+
+The full-precision logits ``Z_fp`` are computed once per calibration set (the official code
+recomputes them for every unit, spec §6.2 item 3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from .config import CalibConfig
+from .graph import BN_TYPES, UnitExecutor, UnitSpec, build_unit_model
+from .qmodel import (
+    QuantLayer,
+    QuantSettings,
+    all_quant_layers,
+    build_quant_model,
+    unit_act_quantizers,
+    unit_layers,
+)
+from .quant import LinearTempDecay, kl_prediction_loss, lp_loss
+
+
+@dataclass
+class UnitReport:
+    index: int
+    name: str
+    kind: str
+    n_layers: int
+    seconds: float = 0.0
+    dc_seconds: float = 0.0
+    dc_bn_loss_before: float | None = None
+    dc_bn_loss_after: float | None = None
+    losses: dict[str, float] = field(default_factory=dict)  # mean over the last 10% of iters
+
+
+@dataclass
+class CalibReport:
+    config: dict
+    units: list[UnitReport]
+    calib_seconds: float
+    num_calib: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int = 256):
+    """Apply ``fn`` to ``x`` in batches of ``bs`` rows and concatenate (no grad)."""
+    return torch.cat([fn(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
+
+
+def bn_stat_loss_per_sample(acts: list[torch.Tensor], bns: list[nn.Module]) -> torch.Tensor:
+    """Per-sample DC statistic loss: sum over BNs and channels of the squared mean/std gaps.
+
+    ``acts[j]`` is the input ``[B, C, H, W]`` of ``bns[j]``; per-sample, per-channel mean and
+    unbiased std (``sqrt(var + 1e-6)``) over H*W against the running mean and
+    ``sqrt(running_var + 1e-6)`` (spec §3). Returns ``[B]``.
+    """
+    total = None
+    for a, bn in zip(acts, bns):
+        mean = a.mean(dim=(2, 3))
+        std = torch.sqrt(a.var(dim=(2, 3), unbiased=True) + 1e-6)
+        mu = bn.running_mean[None]
+        sig = torch.sqrt(bn.running_var + 1e-6)[None]
+        term = ((mu - mean) ** 2).sum(1) + ((sig - std) ** 2).sum(1)
+        total = term if total is None else total + term
+    return total
+
+
+def distribution_correction(
+    fp_unit: nn.Module, x_fp: torch.Tensor, cfg: CalibConfig
+) -> tuple[torch.Tensor, float | None, float | None]:
+    """Distribution correction of spec §3, batched with the official per-group semantics.
+
+    Args:
+        fp_unit: the full-precision unit (real BatchNorm2d modules inside).
+        x_fp: ``[N, ...]`` float32 FP unit inputs.
+    Returns:
+        ``(x_c, bn_loss_before, bn_loss_after)``: corrected inputs (same shape) and the mean
+        per-sample BN-statistic loss before and after (None when the unit has no BN).
+
+    Each group of ``dc_chunk`` consecutive images has its own loss ``L_BN + L_close / lamb_c``
+    normalised by the group size, its own Adam learning rate and its own ReduceLROnPlateau state
+    (factor 0.1, patience 100, rel threshold 1e-4, min lr 1e-5), exactly like the official loop
+    that optimises one 32-image group at a time; ``dc_batch`` groups' worth of images run at once.
+    """
+    bns = [m for m in fp_unit.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns or cfg.dc_iters == 0:
+        return x_fp, None, None
+    captured: list[torch.Tensor] = []
+    hooks = [bn.register_forward_hook(lambda m, i, o: captured.append(i[0])) for bn in bns]
+    out = torch.empty_like(x_fp)
+    before, after = [], []
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    try:
+        for s in range(0, x_fp.shape[0], cfg.dc_batch):
+            x0 = x_fp[s : s + cfg.dc_batch]
+            nb = x0.shape[0]
+            gid = torch.arange(nb) // cfg.dc_chunk
+            ng = int(gid[-1]) + 1
+            gsize = torch.bincount(gid, minlength=ng).float()
+            inv = (1.0 / gsize)[gid]  # per-sample group normaliser
+            bshape = (nb,) + (1,) * (x0.dim() - 1)
+            x = x0.clone()
+            m = torch.zeros_like(x)
+            v = torch.zeros_like(x)
+            lr = torch.full((ng,), cfg.dc_lr)
+            best = torch.full((ng,), math.inf)
+            bad = torch.zeros(ng, dtype=torch.long)
+            for t in range(1, cfg.dc_iters + 1):
+                x.requires_grad_(True)
+                captured.clear()
+                fp_unit(x)
+                lbn = bn_stat_loss_per_sample(captured, bns)
+                close = (x - x0).pow(2).sum(1).reshape(nb, -1).mean(1)
+                per_sample = (lbn + close / cfg.lamb_c) * inv
+                group_loss = torch.zeros(ng).index_add(0, gid, per_sample.detach())
+                (g,) = torch.autograd.grad(per_sample.sum(), x)
+                with torch.no_grad():
+                    if t == 1:
+                        before.append(lbn.detach())
+                    x = x.detach()
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    bc1 = 1 - b1**t
+                    bc2 = 1 - b2**t
+                    denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+                    step = (lr[gid] / bc1).reshape(bshape)
+                    x = x - step * m / denom
+                    # ReduceLROnPlateau(mode=min, factor=0.1, patience=100, threshold=1e-4 rel)
+                    better = group_loss < best * (1 - 1e-4)
+                    best = torch.where(better, group_loss, best)
+                    bad = torch.where(better, torch.zeros_like(bad), bad + 1)
+                    reduce = bad > 100
+                    new_lr = torch.clamp(lr * 0.1, min=1e-5)
+                    lr = torch.where(reduce & (lr - new_lr > 1e-8), new_lr, lr)
+                    bad = torch.where(reduce, torch.zeros_like(bad), bad)
+            with torch.no_grad():
+                captured.clear()
+                fp_unit(x)
+                after.append(bn_stat_loss_per_sample(captured, bns))
+            out[s : s + nb] = x
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, float(torch.cat(before).mean()), float(torch.cat(after).mean())
+
+
+class Calibrator:
+    """Runs one calibration of ``model`` on ``calib`` images with config ``cfg``.
+
+    Args:
+        model: any ``nn.Module`` classifier (eval mode is forced); it is not modified.
+        calib: float32 ``[N, C, H, W]`` preprocessed calibration images.
+        cfg: a resolved :class:`CalibConfig`.
+        log: callable for one-line progress messages (``print`` by default).
+        progress: show a tqdm bar per unit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calib: torch.Tensor,
+        cfg: CalibConfig,
+        log: Callable[[str], None] | None = print,
+        progress: bool = True,
+    ):
+        if not isinstance(calib, torch.Tensor) or calib.dim() < 2:
+            raise ValueError("calibration data must be a float tensor [N, C, H, W]")
+        if not torch.isfinite(calib).all():
+            raise ValueError("calibration images contain NaN or Inf")
+        self.cfg = cfg
+        self.calib = calib.float().contiguous()
+        self.log = log or (lambda s: None)
+        self.progress = progress
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise ValueError(f"model weight '{name}' contains NaN or Inf")
+        self.fp, self.units = build_unit_model(model)
+        self.fp.requires_grad_(False)
+        shape = tuple(self.calib.shape[1:])
+        self.fp_exec = UnitExecutor(self.fp, shape)
+        settings = QuantSettings(
+            cfg.w_bits, cfg.a_bits, cfg.first_layer_w_bits, cfg.last_layer_w_bits,
+            cfg.head_input_a_bits,
+        )
+        self.q = build_quant_model(self.fp, self.units, settings)
+        self.q.requires_grad_(False)
+        self.q_exec = UnitExecutor(self.q, shape)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # ------------------------------------------------------------------ helpers
+    def unit(self, model: fx.GraphModule, k: int) -> nn.Module:
+        return model.get_submodule(f"unit_{k}")
+
+    def _init_weights(self) -> None:
+        for ql in all_quant_layers(self.q):
+            ql.wq.init_from(ql.org_weight)
+            ql.weight_quant = True
+
+    @torch.no_grad()
+    def _init_acts(self, q_unit: nn.Module, x_q: torch.Tensor) -> None:
+        acts = unit_act_quantizers(q_unit)
+        for a in acts:
+            a.observe = True
+            a.enabled = True
+            a.max_score_elems = self.cfg.act_init_max_elems
+        try:
+            q_unit(x_q[: self.cfg.act_init_samples])
+        finally:
+            for a in acts:
+                a.observe = False
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> tuple[fx.GraphModule, CalibReport]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self._init_weights()
+        with torch.no_grad():
+            z_fp = batched(self.fp, self.calib)
+        x_q = self.calib
+        x_fp = self.calib
+        reports = []
+        n_units = len(self.units)
+        self._iters_total = 0 if cfg.method == "rtn" else cfg.iters * self._n_opt_units()
+        self._iters_done = 0
+        self._t_start = t0
+        for k, spec in enumerate(self.units):
+            if k > 0:
+                prev_q, prev_fp = self.unit(self.q, k - 1), self.unit(self.fp, k - 1)
+                x_q = batched(lambda t: self.q_exec.run_between(self.q, k - 1, prev_q(t), k), x_q)
+                x_fp = batched(
+                    lambda t: self.fp_exec.run_between(self.fp, k - 1, prev_fp(t), k), x_fp
+                )
+            rep = UnitReport(k, spec.name, spec.kind, len(spec.layers))
+            tu = time.perf_counter()
+            self._reconstruct_unit(k, spec, x_q, x_fp, z_fp, rep)
+            rep.seconds = time.perf_counter() - tu
+            reports.append(rep)
+            loss_txt = " ".join(f"{a}={b:.4g}" for a, b in rep.losses.items())
+            self.log(
+                f"[unit {k + 1}/{n_units}] {spec.name} ({spec.kind}, {rep.n_layers} layer(s)) "
+                f"{rep.seconds:.1f}s {loss_txt}"
+            )
+        self.q.eval()
+        total = time.perf_counter() - t0
+        report = CalibReport(cfg.to_dict(), reports, total, int(self.calib.shape[0]))
+        return self.q, report
+
+    def _n_opt_units(self) -> int:
+        if self.cfg.granularity == "layer":
+            return sum(len(u.layers) for u in self.units)
+        return len(self.units)
+
+    def _reconstruct_unit(self, k, spec: UnitSpec, x_q, x_fp, z_fp, rep: UnitReport) -> None:
+        cfg = self.cfg
+        q_unit, fp_unit = self.unit(self.q, k), self.unit(self.fp, k)
+        x_c = x_fp
+        if cfg.dist_correction:
+            td = time.perf_counter()
+            x_c, rep.dc_bn_loss_before, rep.dc_bn_loss_after = distribution_correction(
+                fp_unit, x_fp, cfg
+            )
+            rep.dc_seconds = time.perf_counter() - td
+        self._init_acts(q_unit, x_q)
+        if cfg.method == "rtn":
+            return
+        if cfg.granularity == "layer":
+            self._reconstruct_layers(k, q_unit, x_q, x_c, rep)
+            return
+        with torch.no_grad():
+            y_c = batched(fp_unit, x_c)
+        layers = unit_layers(q_unit)
+        acts = unit_act_quantizers(q_unit)
+        tail = (lambda o: self.fp_exec.run_from(self.fp, k, o)) if cfg.pd_loss else None
+        self._optimise(q_unit, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, f"{spec.name}")
+
+    def _reconstruct_layers(self, k, q_unit, x_q, x_c, rep: UnitReport) -> None:
+        """Layer-wise (AdaRound) reconstruction of every layer of the unit, in order."""
+        for li, ql in enumerate(unit_layers(q_unit)):
+            lx_q = self._capture_input(q_unit, ql, x_q, quant=True)
+            lx_fp = self._capture_input(q_unit, ql, x_c, quant=False)
+            with torch.no_grad():
+                state = (ql.weight_quant, ql.aq.enabled)
+                ql.weight_quant, ql.aq.enabled = False, False
+                y = batched(ql, lx_fp)
+                ql.weight_quant, ql.aq.enabled = state
+            acts = [ql.aq] if ql.has_out_quant else []
+            sub = UnitReport(k, ql.name, "layer", 1)
+            self._optimise(ql, [ql], acts, lx_q, lx_fp, y, None, None, sub, ql.name)
+            for key, val in sub.losses.items():
+                rep.losses[f"{ql.name}.{key}"] = val
+
+    @torch.no_grad()
+    def _capture_input(self, q_unit, ql: QuantLayer, x: torch.Tensor, quant: bool):
+        """Inputs of ``ql`` when ``q_unit`` runs on ``x`` (quantization on or off)."""
+        saved = [(m, m.weight_quant, m.aq.enabled) for m in unit_layers(q_unit)]
+        others = [(a, a.enabled) for a in unit_act_quantizers(q_unit)]
+        if not quant:
+            for m, _, _ in saved:
+                m.weight_quant = False
+                m.aq.enabled = False
+            for a, _ in others:
+                a.enabled = False
+        got = []
+
+        def hook(mod, inp):
+            got.append(inp[0])
+            raise _Stop
+
+        h = ql.register_forward_pre_hook(hook)
+        try:
+            for i in range(0, x.shape[0], 256):
+                try:
+                    q_unit(x[i : i + 256])
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+            for m, wq, aq in saved:
+                m.weight_quant, m.aq.enabled = wq, aq
+            for a, e in others:
+                a.enabled = e
+        return torch.cat(got)
+
+    def _optimise(self, module, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, label) -> None:
+        """The per-iteration loop of spec §2.3 on ``module`` (a unit or a single layer)."""
+        cfg = self.cfg
+        alphas, deltas = [], []
+        for ql in layers:
+            ql.weight_quant = True
+            if cfg.learn_alpha:
+                ql.wq.init_adaround(ql.org_weight)
+                alphas.append(ql.wq.alpha)
+        if cfg.learn_delta:
+            for a in acts:
+                a.delta.requires_grad_(True)
+                deltas.append(a.delta)
+        if cfg.qdrop:
+            for a in acts:
+                a.keep_prob = cfg.keep_prob
+                a.generator = self.gen
+        opts = []
+        if alphas:
+            opts.append(torch.optim.Adam(alphas, lr=cfg.lr_alpha))
+        sched = None
+        if deltas:
+            opt_d = torch.optim.Adam(deltas, lr=cfg.lr_delta)
+            opts.append(opt_d)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_d, T_max=cfg.iters, eta_min=0.0)
+        beta_of = LinearTempDecay(cfg.iters, cfg.warmup, cfg.b_start, cfg.b_end)
+        n = x_q.shape[0]
+        bs = cfg.batch_size
+        hist: dict[str, list[float]] = {"rec": [], "pd": [], "round": [], "total": []}
+        keep_last = max(1, cfg.iters // 10)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.iters, desc=label[:28], unit="it", leave=False, dynamic_ncols=True)
+        try:
+            for it in range(1, cfg.iters + 1):
+                idx = torch.randint(0, n, (bs,), generator=self.gen)
+                xq = x_q[idx]
+                if cfg.qdrop:
+                    u = torch.rand(xq.shape, generator=self.gen)
+                    xin = torch.where(u < cfg.keep_prob, xq, x_c[idx])
+                else:
+                    xin = xq
+                if tail is not None:
+                    out = module(torch.cat([xin, xq]))
+                    o_drop, o_q = out[:bs], out[bs:]
+                else:
+                    o_drop = module(xin)
+                rec = lp_loss(o_drop, y_c[idx])
+                total = rec if cfg.rec_loss else rec.detach() * 0
+                pd_val = 0.0
+                if tail is not None:
+                    z_q = tail(o_q)
+                    pd = kl_prediction_loss(z_q, z_fp[idx], cfg.temperature)
+                    total = total + pd / cfg.lamb_r
+                    pd_val = pd
+                round_val = 0.0
+                if alphas and cfg.round_loss and it >= cfg.warmup * cfg.iters:
+                    beta = beta_of(it)
+                    rl = cfg.round_weight * sum(ql.wq.round_loss(beta) for ql in layers)
+                    total = total + rl
+                    round_val = rl
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                total.backward()
+                for o in opts:
+                    o.step()
+                if sched is not None:
+                    sched.step()
+                if it > cfg.iters - keep_last:
+                    hist["rec"].append(float(rec.detach()))
+                    hist["pd"].append(float(pd_val.detach() if torch.is_tensor(pd_val) else pd_val))
+                    hist["round"].append(float(round_val.detach() if torch.is_tensor(round_val) else round_val))
+                    hist["total"].append(float(total.detach()))
+                self._iters_done += 1
+                if bar is not None:
+                    bar.update(1)
+                    if it % 50 == 0 or it == cfg.iters:
+                        bar.set_postfix_str(self._eta_text() + f" rec={float(rec):.3g}")
+        finally:
+            if bar is not None:
+                bar.close()
+        for ql in layers:
+            if ql.wq.mode == "soft":
+                ql.wq.mode = "hard"
+                ql.wq.alpha.requires_grad_(False)
+        for a in acts:
+            a.keep_prob = 1.0
+            a.delta.requires_grad_(False)
+        rep.losses = {k: sum(v) / len(v) for k, v in hist.items() if v}
+
+    def _eta_text(self) -> str:
+        done = self._iters_done
+        if not done or not self._iters_total:
+            return ""
+        el = time.perf_counter() - self._t_start
+        rem = el / done * (self._iters_total - done)
+        return f"run ETA {int(rem // 60)}m{int(rem % 60):02d}s"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bs: int = 256) -> dict:
+    """Top-1 and top-5 accuracy (percent) of ``model`` on preprocessed ``images``.
+
+    ``images`` float32 ``[N, C, H, W]``; ``labels`` int64 ``[N]``. Returns a dict with ``top1``,
+    ``top5``, ``correct``, ``n`` and ``pred`` (int64 ``[N]`` predicted classes).
+    """
+    model.eval()
+    preds, top5 = [], 0
+    for i in range(0, images.shape[0], bs):
+        logits = model(images[i : i + bs])
+        preds.append(logits.argmax(1))
+        k = min(5, logits.shape[1])
+        top5 += (logits.topk(k, dim=1).indices == labels[i : i + bs, None]).any(1).sum().item()
+    pred = torch.cat(preds)
+    correct = int((pred == labels).sum())
+    n = int(labels.numel())
+    return {"top1": 100.0 * correct / n, "top5": 100.0 * top5 / n, "correct": correct, "n": n,
+            "pred": pred}
