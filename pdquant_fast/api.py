@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import fx, nn
 
 from .config import CalibConfig, make_config
-from .engine import CalibReport, Calibrator
+from .engine import Calibrator, CalibReport
 from .graph import build_unit_model
 from .qmodel import QuantLayer, QuantSettings, build_quant_model
 from .quant import ActQuantizer
@@ -89,7 +89,10 @@ def build_quantized_skeleton(model: nn.Module, cfg: CalibConfig) -> fx.GraphModu
     """The quantized model structure for ``cfg`` (uninitialised), for loading a saved state."""
     top, units = build_unit_model(model)
     s = QuantSettings(
-        cfg.w_bits, cfg.a_bits, cfg.first_layer_w_bits, cfg.last_layer_w_bits,
+        cfg.w_bits,
+        cfg.a_bits,
+        cfg.first_layer_w_bits,
+        cfg.last_layer_w_bits,
         cfg.head_input_a_bits,
     )
     return build_quant_model(top, units, s)

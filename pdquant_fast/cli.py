@@ -115,7 +115,10 @@ def cmd_calibrate(args) -> int:
         if v is not None:
             overrides[key] = v
     cfg = make_config(
-        args.method, preset=args.preset or info.preset, w_bits=args.w_bits, a_bits=args.a_bits,
+        args.method,
+        preset=args.preset or info.preset,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
         **overrides,
     )
     calib_size = args.calib_size if args.calib_size is not None else 1024
@@ -298,8 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     from .models.cifar_resnet import WeightsError
     from .quant import QuantConfigError
 
-    known = (CliError, DataError, GraphError, WeightsError, QuantConfigError, ValueError,
-             ImportError, FileNotFoundError, PermissionError)
+    known = (
+        CliError,
+        DataError,
+        GraphError,
+        WeightsError,
+        QuantConfigError,
+        ValueError,
+        ImportError,
+        FileNotFoundError,
+        PermissionError,
+    )
     try:
         return int(args.func(args) or 0)
     except known as exc:

@@ -112,7 +112,9 @@ class CalibConfig:
             "qdrop": ("block", True, True, True),
             "pdquant": ("block", True, True, True),
         }[m]
-        for key, val in zip(("granularity", "learn_alpha", "learn_delta", "qdrop"), defaults):
+        for key, val in zip(
+            ("granularity", "learn_alpha", "learn_delta", "qdrop"), defaults, strict=True
+        ):
             if getattr(c, key) is None:
                 setattr(c, key, val)
         if m != "pdquant":

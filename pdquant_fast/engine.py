@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import fx, nn
 
 from .config import CalibConfig
-from .graph import BN_TYPES, UnitExecutor, UnitSpec, build_unit_model
+from .graph import UnitExecutor, UnitSpec, build_unit_model
 from .qmodel import (
     QuantLayer,
     QuantSettings,
@@ -85,7 +85,7 @@ def bn_stat_loss_per_sample(acts: list[torch.Tensor], bns: list[nn.Module]) -> t
     ``sqrt(running_var + 1e-6)`` (spec §3). Returns ``[B]``.
     """
     total = None
-    for a, bn in zip(acts, bns):
+    for a, bn in zip(acts, bns, strict=True):
         mean = a.mean(dim=(2, 3))
         std = torch.sqrt(a.var(dim=(2, 3), unbiased=True) + 1e-6)
         mu = bn.running_mean[None]
@@ -209,7 +209,10 @@ class Calibrator:
         shape = tuple(self.calib.shape[1:])
         self.fp_exec = UnitExecutor(self.fp, shape)
         settings = QuantSettings(
-            cfg.w_bits, cfg.a_bits, cfg.first_layer_w_bits, cfg.last_layer_w_bits,
+            cfg.w_bits,
+            cfg.a_bits,
+            cfg.first_layer_w_bits,
+            cfg.last_layer_w_bits,
             cfg.head_input_a_bits,
         )
         self.q = build_quant_model(self.fp, self.units, settings)
@@ -256,10 +259,8 @@ class Calibrator:
         for k, spec in enumerate(self.units):
             if k > 0:
                 prev_q, prev_fp = self.unit(self.q, k - 1), self.unit(self.fp, k - 1)
-                x_q = batched(lambda t: self.q_exec.run_between(self.q, k - 1, prev_q(t), k), x_q)
-                x_fp = batched(
-                    lambda t: self.fp_exec.run_between(self.fp, k - 1, prev_fp(t), k), x_fp
-                )
+                x_q = batched(self._advance(self.q, self.q_exec, prev_q, k), x_q)
+                x_fp = batched(self._advance(self.fp, self.fp_exec, prev_fp, k), x_fp)
             rep = UnitReport(k, spec.name, spec.kind, len(spec.layers))
             tu = time.perf_counter()
             self._reconstruct_unit(k, spec, x_q, x_fp, z_fp, rep)
@@ -274,6 +275,11 @@ class Calibrator:
         total = time.perf_counter() - t0
         report = CalibReport(cfg.to_dict(), reports, total, int(self.calib.shape[0]))
         return self.q, report
+
+    @staticmethod
+    def _advance(top, executor, prev_unit, k):
+        """Map unit k-1's inputs to unit k's inputs: run unit k-1, then the glue up to unit k."""
+        return lambda t: executor.run_between(top, k - 1, prev_unit(t), k)
 
     def _n_opt_units(self) -> int:
         if self.cfg.granularity == "layer":
@@ -305,7 +311,7 @@ class Calibrator:
 
     def _reconstruct_layers(self, k, q_unit, x_q, x_c, rep: UnitReport) -> None:
         """Layer-wise (AdaRound) reconstruction of every layer of the unit, in order."""
-        for li, ql in enumerate(unit_layers(q_unit)):
+        for ql in unit_layers(q_unit):
             lx_q = self._capture_input(q_unit, ql, x_q, quant=True)
             lx_fp = self._capture_input(q_unit, ql, x_c, quant=False)
             with torch.no_grad():
@@ -424,7 +430,9 @@ class Calibrator:
                 if it > cfg.iters - keep_last:
                     hist["rec"].append(float(rec.detach()))
                     hist["pd"].append(float(pd_val.detach() if torch.is_tensor(pd_val) else pd_val))
-                    hist["round"].append(float(round_val.detach() if torch.is_tensor(round_val) else round_val))
+                    hist["round"].append(
+                        float(round_val.detach() if torch.is_tensor(round_val) else round_val)
+                    )
                     hist["total"].append(float(total.detach()))
                 self._iters_done += 1
                 if bar is not None:
@@ -469,5 +477,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, bs: i
     pred = torch.cat(preds)
     correct = int((pred == labels).sum())
     n = int(labels.numel())
-    return {"top1": 100.0 * correct / n, "top5": 100.0 * top5 / n, "correct": correct, "n": n,
-            "pred": pred}
+    return {
+        "top1": 100.0 * correct / n,
+        "top5": 100.0 * top5 / n,
+        "correct": correct,
+        "n": n,
+        "pred": pred,
+    }

@@ -182,7 +182,7 @@ class UnitSpec:
 def _common_prefix(targets: list[str]) -> str:
     parts = [t.split(".") for t in targets]
     out = []
-    for items in zip(*parts):
+    for items in zip(*parts, strict=False):  # shortest path wins
         if all(i == items[0] for i in items):
             out.append(items[0])
         else:
@@ -230,7 +230,7 @@ def _dominators(nodes: list[fx.Node]) -> dict[fx.Node, fx.Node | None]:
 
 
 def _between(src: fx.Node, dst: fx.Node, nodes: list[fx.Node]) -> list[fx.Node]:
-    """Nodes strictly after ``src`` that are reachable from ``src`` and reach ``dst`` (inclusive)."""
+    """Nodes after ``src`` reachable from ``src`` that reach ``dst`` (``dst`` included)."""
     order = {n: i for i, n in enumerate(nodes)}
     fwd = {src}
     for n in nodes[order[src] + 1 : order[dst] + 1]:
@@ -422,7 +422,9 @@ class UnitExecutor:
     def __init__(self, top: fx.GraphModule, input_shape: tuple[int, ...] | None = None):
         self.nodes = list(top.graph.nodes)
         self.unit_nodes = [n for n in self.nodes if n.op == "call_module" and _is_unit(n)]
-        self.unit_pos = {int(str(n.target).split("_")[1]): self.nodes.index(n) for n in self.unit_nodes}
+        self.unit_pos = {
+            int(str(n.target).split("_")[1]): self.nodes.index(n) for n in self.unit_nodes
+        }
         self.placeholder = next(n for n in self.nodes if n.op == "placeholder")
         self.input_shape = input_shape
         self._check_cuts()
@@ -455,7 +457,8 @@ class UnitExecutor:
         if node.op == "call_module":
             return False
         return all(self._recomputable(p) for p in node.all_input_nodes) and (
-            node.op == "call_method" and node.target in SHAPE_METHODS
+            node.op == "call_method"
+            and node.target in SHAPE_METHODS
             or node.op == "call_function"
             and node.target in (getattr, operator.getitem, operator.mul, operator.floordiv)
         )

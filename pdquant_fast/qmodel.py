@@ -169,7 +169,9 @@ def _quantize_unit(unit_gm: fx.GraphModule, name: str, s: QuantSettings) -> fx.G
             ql = unit_gm.get_submodule(n.target)
             if any(is_add(u) for u in n.users):
                 ql.has_out_quant = False
-    if not (final.op == "call_module" and isinstance(unit_gm.get_submodule(final.target), QuantLayer)):
+    if not (
+        final.op == "call_module" and isinstance(unit_gm.get_submodule(final.target), QuantLayer)
+    ):
         unit_gm.add_submodule("out_quant", OutQuant(s.a_bits, name + ".out"))
         with g.inserting_before(out_node):
             oq = g.call_module("out_quant", (final,))
@@ -227,9 +229,7 @@ def build_quant_model(
                     last_unit.delete_all_unused_submodules()
                     last_unit.recompile()
         acts = [
-            aq
-            for i in range(n_units)
-            for aq in unit_act_quantizers(top.get_submodule(f"unit_{i}"))
+            aq for i in range(n_units) for aq in unit_act_quantizers(top.get_submodule(f"unit_{i}"))
         ]
     if s.first_layer_w_bits is not None:
         layers[0].wq.set_bits(s.first_layer_w_bits)

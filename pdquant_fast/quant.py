@@ -21,7 +21,7 @@ class QuantConfigError(ValueError):
 
 
 def check_bits(bits: int, what: str = "bit-width") -> int:
-    """Return ``bits`` if supported, else raise :class:`QuantConfigError` naming the allowed values."""
+    """Return ``bits`` if supported, else raise :class:`QuantConfigError` naming what is allowed."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise QuantConfigError(
             f"unsupported {what} {bits!r}: supported bit-widths are {list(SUPPORTED_BITS)}"
@@ -39,7 +39,7 @@ def fake_quant(x: torch.Tensor, delta: torch.Tensor, zp: torch.Tensor, bits: int
 
     Args:
         x: float32 tensor of any shape.
-        delta: step size, broadcastable to ``x`` (scalar per tensor, or ``[C, 1, ...]`` per channel).
+        delta: step size broadcastable to ``x`` (scalar, or ``[C, 1, ...]`` per channel).
         zp: integer-valued zero point (float tensor), broadcastable to ``x``.
         bits: grid is ``0 .. 2**bits - 1``.
 
@@ -143,8 +143,12 @@ def mse_search_2d(
             s_min = score.gather(0, s_arg[None])[0]
             better = s_min < best_score
             best_score = torch.where(better, s_min, best_score)
-            best_min = torch.where(better, cand_min.reshape(-1, c).gather(0, s_arg[None])[0], best_min)
-            best_max = torch.where(better, cand_max.reshape(-1, c).gather(0, s_arg[None])[0], best_max)
+            best_min = torch.where(
+                better, cand_min.reshape(-1, c).gather(0, s_arg[None])[0], best_min
+            )
+            best_max = torch.where(
+                better, cand_max.reshape(-1, c).gather(0, s_arg[None])[0], best_max
+            )
     delta, zp = calculate_qparams(best_min, best_max, bits)
     if not channel_wise:
         return delta[0], zp[0]
@@ -382,7 +386,7 @@ def kl_prediction_loss(z_q: torch.Tensor, z_fp: torch.Tensor, temperature: float
 
 
 class LinearTempDecay:
-    """AdaRound beta schedule: ``beta(t) = end + (start - end) * max(0, 1 - (t - w N) / ((1-w) N))``."""
+    """AdaRound beta: ``end + (start - end) * max(0, 1 - (t - wN) / ((1 - w)N))`` after warm-up."""
 
     def __init__(self, t_max: int, warmup: float = 0.2, start_b: float = 20.0, end_b: float = 2.0):
         self.t_max = t_max

@@ -12,20 +12,21 @@ Each worker runs with one torch thread. Needs ../shared/data (the CIFAR-10 sprit
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("PDQUANT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 METHODS = ["rtn", "adaround", "brecq", "qdrop", "pdquant"]
 BITS = [(2, 4), (4, 4), (2, 2)]
 
 
 def jobs(seeds: list[int]) -> list[tuple[str, str, int, int, int]]:
     out = []
-    for si, seed in enumerate(seeds):
+    for seed in seeds:
         for w, a in BITS:
             for m in METHODS:
                 out.append((f"{m}_w{w}a{a}_s{seed}", m, w, a, seed))
@@ -58,14 +59,41 @@ def main() -> int:
                     return
                 name, m, w, a, seed = todo.pop(0)
             cmd = [
-                sys.executable, "-m", "pdquant_fast.cli", "calibrate",
-                "--model", "cifar_resnet20", "--weights", str(weights),
-                "--data", str(sprites), "--split", "train", "--calib-size", "1024",
-                "--eval-data", str(sprites), "--eval-split", "test",
-                "--method", m, "--w-bits", str(w), "--a-bits", str(a),
-                "--iters", str(args.iters), "--dc-iters", str(args.dc_iters),
-                "--seed", str(seed), "--threads", "1", "--no-progress",
-                "--out", str(out / name),
+                sys.executable,
+                "-m",
+                "pdquant_fast.cli",
+                "calibrate",
+                "--model",
+                "cifar_resnet20",
+                "--weights",
+                str(weights),
+                "--data",
+                str(sprites),
+                "--split",
+                "train",
+                "--calib-size",
+                "1024",
+                "--eval-data",
+                str(sprites),
+                "--eval-split",
+                "test",
+                "--method",
+                m,
+                "--w-bits",
+                str(w),
+                "--a-bits",
+                str(a),
+                "--iters",
+                str(args.iters),
+                "--dc-iters",
+                str(args.dc_iters),
+                "--seed",
+                str(seed),
+                "--threads",
+                "1",
+                "--no-progress",
+                "--out",
+                str(out / name),
             ]
             with open(out / f"{name}.log", "w") as log:
                 rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
