@@ -208,6 +208,8 @@ def cmd_eval(args) -> int:
     from .models.registry import build_model
 
     run = Path(args.run)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         result = json.loads((run / "result.json").read_text())
         state = torch.load(run / "quant_state.pt", map_location="cpu", weights_only=True)
@@ -223,11 +225,9 @@ def cmd_eval(args) -> int:
         ds = take_subset(ds, args.eval_size, option="--eval-size")
     x, y = _stack(ds)
     r = evaluate(q, x, y)
-    fp = evaluate(model, x, y)
-    print(
-        f"{ds.source}: FP32 top-1 {fp['top1']:.2f}%  quantized top-1 {r['top1']:.2f}% "
-        f"({r['correct']}/{r['n']})"
-    )
+    fp = None if args.skip_fp else evaluate(model, x, y)
+    fp_txt = "" if fp is None else f"FP32 top-1 {fp['top1']:.2f}%  "
+    print(f"{ds.source}: {fp_txt}quantized top-1 {r['top1']:.2f}% ({r['correct']}/{r['n']})")
     if args.out_json:
         from .api import atomic_write_json
         from .data import sha256_of_ids
@@ -239,10 +239,10 @@ def cmd_eval(args) -> int:
                 "source": ds.source,
                 "list_sha256": sha256_of_ids(ds.ids),
                 "n": r["n"],
-                "fp_top1": fp["top1"],
+                "fp_top1": None if fp is None else fp["top1"],
                 "top1": r["top1"],
                 "labels": y.tolist(),
-                "fp_pred": fp["pred"].tolist(),
+                "fp_pred": None if fp is None else fp["pred"].tolist(),
                 "pred": r["pred"].tolist(),
             },
         )
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights")
     e.add_argument("--eval-size", type=int)
     e.add_argument("--out-json", help="write accuracy and per-image predictions here")
+    e.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP32 model")
+    e.add_argument("--threads", type=int)
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("info", help="versions, CPU features, available kernels")
     i.set_defaults(func=lambda a: _info())

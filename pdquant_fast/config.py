@@ -55,7 +55,7 @@ class CalibConfig:
     lr_delta: float = 4e-5
     keep_prob: float = 0.5  # QDrop: probability of keeping the quantized value
     act_init_samples: int = 256
-    act_init_max_elems: int | None = 262144  # None: score all elements (exact official init)
+    act_init_max_elems: int | None = 65536  # None: score all elements (exact official init)
     # PD-Quant
     pd_loss: bool = True
     temperature: float = 4.0

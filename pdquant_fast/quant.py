@@ -121,34 +121,34 @@ def mse_search_2d(
     best_min = x_min.clone()
     best_max = x_max.clone()
     zps = torch.arange(n + 1, dtype=torch.float32)  # [Z]
-    # candidates per chunk: Z zero points for one or more ranges; memory ~ chunk*C*K floats.
+    # For range i every zero point shares the step d = r_i / n (calculate_qparams of the
+    # candidate interval [-zp d, r_i - zp d] gives back d and zp), so the integer code
+    # k = round(x / d) is computed once per range and each zero point only changes the clamp:
+    # x_hat - ... = d * clamp(k, -zp, n - zp). Candidates are scored in chunks of at most
+    # ``chunk_elems`` elements ([ranges, zero points, C, K]), in place, to bound memory.
     per_range = (n + 1) * c * k
     ranges_per_chunk = max(1, chunk_elems // max(per_range, 1))
     zp_chunk = n + 1 if per_range <= chunk_elems else max(1, chunk_elems // (c * k))
     for i0 in range(1, steps + 1, ranges_per_chunk):
         i_idx = torch.arange(i0, min(steps, i0 + ranges_per_chunk - 1) + 1, dtype=torch.float32)
+        r = rng[None, :] * i_idx[:, None] / steps  # [I, C]
+        d = torch.clamp(r / n, min=1e-8)
+        codes = torch.round(xf[None] / d[..., None])  # [I, C, K]
         for z0 in range(0, n + 1, zp_chunk):
             zz = zps[z0 : z0 + zp_chunk]
-            r = rng[None, :] * i_idx[:, None] / steps  # [I, C]
-            d = r / n
-            cand_min = -zz[None, :, None] * d[:, None, :]  # [I, Z, C]
-            cand_max = r[:, None, :] + cand_min  # [I, Z, C]
-            delta, zp = calculate_qparams(cand_min, cand_max, bits)
-            x_hat = (
-                torch.clamp(torch.round(xf / delta[..., None]) + zp[..., None], 0, n)
-                - zp[..., None]
-            ) * delta[..., None]  # [I, Z, C, K]
-            score = _lp_score(xf, x_hat, (3,)).reshape(-1, c)  # [I*Z, C]
+            lo = (-zz)[None, :, None, None]
+            hi = (n - zz)[None, :, None, None]
+            v = torch.clamp(codes[:, None], lo, hi)  # [I, Z, C, K]
+            err = torch.addcmul(xf[None, None], v, d[:, None, :, None], value=-1.0)
+            score = err.abs_().pow_(2.4).mean(dim=3).reshape(-1, c)  # [I*Z, C]
             s_arg = score.argmin(dim=0)  # first minimum, as the official strict "<" loop
             s_min = score.gather(0, s_arg[None])[0]
+            cand_min = (-zz[None, :, None] * d[:, None, :]).reshape(-1, c)  # [I*Z, C]
+            cand_max = (r[:, None, :] + cand_min.reshape(len(i_idx), -1, c)).reshape(-1, c)
             better = s_min < best_score
             best_score = torch.where(better, s_min, best_score)
-            best_min = torch.where(
-                better, cand_min.reshape(-1, c).gather(0, s_arg[None])[0], best_min
-            )
-            best_max = torch.where(
-                better, cand_max.reshape(-1, c).gather(0, s_arg[None])[0], best_max
-            )
+            best_min = torch.where(better, cand_min.gather(0, s_arg[None])[0], best_min)
+            best_max = torch.where(better, cand_max.gather(0, s_arg[None])[0], best_max)
     delta, zp = calculate_qparams(best_min, best_max, bits)
     if not channel_wise:
         return delta[0], zp[0]
@@ -331,7 +331,7 @@ class ActQuantizer(nn.Module):
         self.keep_prob = 1.0  # 1.0 = no QDrop
         self.generator: torch.Generator | None = None
         self.signed = False
-        self.max_score_elems: int | None = 1 << 18
+        self.max_score_elems: int | None = 1 << 16
 
     @property
     def n(self) -> int:
