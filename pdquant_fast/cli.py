@@ -215,7 +215,13 @@ def cmd_eval(args) -> int:
         state = torch.load(run / "quant_state.pt", map_location="cpu", weights_only=True)
     except (OSError, json.JSONDecodeError, RuntimeError) as exc:
         raise CliError(f"{run} is not a finished calibration folder: {exc}") from exc
-    model, info = build_model(result["model"], args.weights or result["weights"])
+    weights = args.weights or result.get("weights")
+    if weights is None:
+        raise CliError(
+            f"{run} was calibrated from a randomly initialised {result['model']} whose FP "
+            "weights were not saved; only runs with a weights file can be re-evaluated"
+        )
+    model, info = build_model(result["model"], weights)
     cfg = CalibConfig(**result["config"])
     q = load_quant_state(build_quantized_skeleton(model, cfg), state)
     ds = _open(args.data, info.preprocess, args.split or "test")
