@@ -384,7 +384,7 @@ class Calibrator:
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_d, T_max=cfg.iters, eta_min=0.0)
         beta_of = LinearTempDecay(cfg.iters, cfg.warmup, cfg.b_start, cfg.b_end)
         n = x_q.shape[0]
-        bs = cfg.batch_size
+        bs = min(cfg.batch_size, n)  # a batch never exceeds the calibration set
         hist: dict[str, list[float]] = {"rec": [], "pd": [], "round": [], "total": []}
         keep_last = max(1, cfg.iters // 10)
         bar = None
