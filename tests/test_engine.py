@@ -99,12 +99,19 @@ def test_rtn_and_adaround_run_and_keep_input_model_unchanged(resnet20, cifar):
 
 
 def test_end_to_end_pdquant_resnet20_accuracy_floor(resnet20, cifar):
-    """PD-Quant W4A4 on ResNet-20: 256 real calibration images, 10 iterations/unit, 2 DC steps,
-    seed 1005; top-1 on the 1,000 lossless test images. Measured 88.3% on this machine
-    (FP32 91.5%); RTN W4A4 with the same init gets about 86%; the floor is 86.0%."""
+    """PD-Quant W2A4 on ResNet-20: 256 real calibration images, 10 iterations/unit, 2 DC steps,
+    seed 1005; top-1 on the 1,000 lossless test images (FP32 91.5%).
+
+    Measured on the 2-core CPU (2026-11-26): PD-Quant 30.6%, RTN with the same MSE init 15.8%.
+    Floors: PD-Quant >= 26% and at least 10 points above RTN (a calibration that does not
+    learn anything stays near RTN)."""
     xc, xt, yt = cifar
-    cfg = make_config("pdquant", preset="resnet", w_bits=4, a_bits=4, iters=10, dc_iters=2)
+    cfg = make_config("pdquant", preset="resnet", w_bits=2, a_bits=4, iters=10, dc_iters=2)
     q, rep = Calibrator(resnet20, xc, cfg, log=None, progress=False).run()
     acc = evaluate(q, xt, yt)["top1"]
-    assert acc >= 86.0, acc
+    rtn_cfg = make_config("rtn", preset="resnet", w_bits=2, a_bits=4)
+    q_rtn, _ = Calibrator(resnet20, xc, rtn_cfg, log=None, progress=False).run()
+    rtn = evaluate(q_rtn, xt, yt)["top1"]
+    assert acc >= 26.0, acc
+    assert acc >= rtn + 10.0, (acc, rtn)
     assert all(u.dc_bn_loss_after <= u.dc_bn_loss_before for u in rep.units[:-1])

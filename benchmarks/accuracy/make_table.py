@@ -30,6 +30,8 @@ def load_runs(dirs: list[Path]) -> list[dict]:
         for res in sorted(Path(d).glob("*/result.json")):
             r = json.loads(res.read_text())
             r["_dir"] = res.parent
+            # the run folder is named <label>_w<W>a<A>_s<seed>; label = method or variant
+            r["_label"] = res.parent.name.rsplit("_w", 1)[0]
             r["_evals"] = {}
             for ev in r.get("evals", {}).values():
                 r["_evals"][_set_name(ev["source"])] = {
@@ -73,6 +75,18 @@ def fmt_stats(vals: list[float]) -> str:
     return f"{m:.2f} ({min(vals):.2f}..{max(vals):.2f})"
 
 
+def _changed(cfg: dict) -> str:
+    """Settings that differ from the method's defaults (ablation switches)."""
+    from pdquant_fast.config import make_config
+
+    base = make_config(
+        cfg["method"], preset=cfg["preset"], w_bits=cfg["w_bits"], a_bits=cfg["a_bits"]
+    ).to_dict()
+    skip = {"iters", "seed", "dc_iters", "w_bits", "a_bits", "act_init_max_elems"}
+    diff = [f"{k}={cfg[k]}" for k in sorted(cfg) if k not in skip and cfg[k] != base.get(k)]
+    return ", ".join(diff) or "–"
+
+
 def mcnemar_p(b: int, c: int) -> float:
     """Exact two-sided McNemar p-value for discordant counts ``b`` and ``c``."""
     n = b + c
@@ -87,7 +101,7 @@ def build(runs: list[dict], title: str, ref: str, cmp: str, command: str) -> str
     groups: dict[tuple, list[dict]] = defaultdict(list)
     sets: list[str] = []
     for r in runs:
-        groups[(r["model"], r["w_bits"], r["a_bits"], r["method"])].append(r)
+        groups[(r["model"], r["w_bits"], r["a_bits"], r["_label"])].append(r)
         for s in r["_evals"]:
             if s not in sets:
                 sets.append(s)
@@ -103,13 +117,17 @@ def build(runs: list[dict], title: str, ref: str, cmp: str, command: str) -> str
             fps.discard(None)
             fp_row.append(fmt_stats(sorted(fps)[:1]) if fps else "–")
         hdr = ["method", "W/A", "seeds"] + [f"top-1 % {s}" for s in sets]
-        hdr += ["iters/unit", "DC steps", "calib s (mean)", "threads"]
+        hdr += ["iters/unit", "DC steps", "changed settings", "calib s (mean)", "threads"]
         lines.append("| " + " | ".join(hdr) + " |")
         lines.append("|" + "---|" * len(hdr))
-        lines.append("| " + " | ".join(fp_row + ["–", "–", "–", "–"]) + " |")
+        lines.append("| " + " | ".join(fp_row + ["–"] * 5) + " |")
         bits = sorted({(k[1], k[2]) for k in groups if k[0] == model}, key=lambda b: (-b[0], -b[1]))
         for wb, ab in bits:
-            for method in METHOD_ORDER:
+            labels = sorted(
+                {k[3] for k in groups if k[:3] == (model, wb, ab)},
+                key=lambda x: (METHOD_ORDER.index(x) if x in METHOD_ORDER else 99, x),
+            )
+            for method in labels:
                 rs = groups.get((model, wb, ab, method))
                 if not rs:
                     continue
@@ -122,6 +140,7 @@ def build(runs: list[dict], title: str, ref: str, cmp: str, command: str) -> str
                     ",".join(map(str, its)) + (" (official 20000)" if its != [20000] else "")
                 )
                 row.append(str(cfg["dc_iters"]) if cfg.get("dist_correction") else "–")
+                row.append(_changed(cfg))
                 row.append(f"{statistics.fmean(r['calib_seconds'] for r in rs):.0f}")
                 row.append(",".join(sorted({str(r.get("threads", "?")) for r in rs})))
                 lines.append("| " + " | ".join(row) + " |")
@@ -171,12 +190,24 @@ def main() -> int:
     ap.add_argument("--title", default="Accuracy")
     ap.add_argument("--ref-method", default="qdrop")
     ap.add_argument("--cmp-method", default="pdquant")
+    ap.add_argument("--only-bits", help="keep only runs at W/A, e.g. 2/4")
+    ap.add_argument("--only-seeds", type=int, nargs="+", help="keep only these seeds")
     args = ap.parse_args()
     runs = load_runs(args.dirs)
+    if args.only_bits:
+        wb, ab = (int(v) for v in args.only_bits.split("/"))
+        runs = [r for r in runs if (r["w_bits"], r["a_bits"]) == (wb, ab)]
+    if args.only_seeds:
+        runs = [r for r in runs if r["seed"] in args.only_seeds]
     if not runs:
         raise SystemExit(f"no */result.json under {args.dirs}")
     cmd = "python benchmarks/accuracy/make_table.py " + " ".join(str(d) for d in args.dirs)
     cmd += f" --out {args.out}"
+    for flag, val in (("--title", args.title), ("--only-bits", args.only_bits)):
+        if val:
+            cmd += f' {flag} "{val}"'
+    if args.only_seeds:
+        cmd += " --only-seeds " + " ".join(map(str, args.only_seeds))
     text = build(runs, args.title, args.ref_method, args.cmp_method, cmd)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

@@ -4,7 +4,8 @@ Usage: python benchmarks/accuracy/run_jobs.py SET --out DIR [--workers 2] [--ite
        [--dc-iters 10] [--seeds 1005 1006]
 
 Sets: ``resnet20_table`` (5 methods x W4A4/W2A4/W2A2 x seeds), ``resnet20_ablations`` (PD-Quant
-switches at W2A4), ``efficientnet`` (QDrop and PD-Quant at W4A4 and W2A4, 500 calibration
+switches at W2A4), ``resnet20_long`` (QDrop and PD-Quant at W2A4, run with more iterations),
+``efficientnet`` (QDrop and PD-Quant at W4A4 and W2A4, 500 calibration
 images, evaluated on the 1,300 VeriSilicon val images).
 
 Every job writes OUT/<job>/result.json (atomically, last); jobs whose result.json exists are
@@ -50,6 +51,10 @@ def jobs(name: str, seeds: list[int]) -> list[tuple[str, str, int, int, int, lis
         for seed in seeds:
             for tag, sets in ABLATIONS.items():
                 out.append((f"pdquant-{tag}_w2a4_s{seed}", "pdquant", 2, 4, seed, sets))
+    elif name == "resnet20_long":  # the iterations ablation: same as the table, more iters
+        for seed in seeds:
+            for m in ["qdrop", "pdquant"]:
+                out.append((f"{m}_w2a4_s{seed}", m, 2, 4, seed, ["act_init_max_elems=262144"]))
     elif name == "efficientnet":
         for seed in seeds:
             for w, a in [(4, 4), (2, 4)]:
@@ -102,7 +107,9 @@ def command(set_name: str, job, args) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("set", choices=["resnet20_table", "resnet20_ablations", "efficientnet"])
+    ap.add_argument(
+        "set", choices=["resnet20_table", "resnet20_ablations", "resnet20_long", "efficientnet"]
+    )
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
