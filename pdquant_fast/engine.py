@@ -225,9 +225,17 @@ class Calibrator:
         return model.get_submodule(f"unit_{k}")
 
     def _init_weights(self) -> None:
-        for ql in all_quant_layers(self.q):
+        layers = all_quant_layers(self.q)
+        cand = sum(100 * 2**ql.wq.bits * ql.org_weight.numel() for ql in layers)
+        self.log(
+            f"initialising {len(layers)} weight quantizers: L2.4 search, "
+            f"{cand / 1e9:.1f}G candidate element evaluations"
+        )
+        t = time.perf_counter()
+        for ql in layers:
             ql.wq.init_from(ql.org_weight)
             ql.weight_quant = True
+        self.log(f"weight init took {time.perf_counter() - t:.1f}s")
 
     @torch.no_grad()
     def _init_acts(self, q_unit: nn.Module, x_q: torch.Tensor) -> None:

@@ -97,7 +97,7 @@ def mcnemar_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def build(runs: list[dict], title: str, ref: str, cmp: str, command: str) -> str:
+def build(runs: list[dict], title: str, ref: str, cmps: list[str], command: str) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     sets: list[str] = []
     for r in runs:
@@ -145,42 +145,49 @@ def build(runs: list[dict], title: str, ref: str, cmp: str, command: str) -> str
                 row.append(",".join(sorted({str(r.get("threads", "?")) for r in rs})))
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-        # paired comparison
-        pair_lines = []
-        for wb, ab in bits:
-            a = {r["seed"]: r for r in groups.get((model, wb, ab, ref), [])}
-            b = {r["seed"]: r for r in groups.get((model, wb, ab, cmp), [])}
-            for s in sets:
-                tot_b = tot_c = n_pairs = 0
-                for seed in sorted(set(a) & set(b)):
-                    pa, pb = a[seed]["_preds"].get(s), b[seed]["_preds"].get(s)
-                    if not pa or not pb:
-                        continue
-                    labels = pa["labels"]
-                    if labels != pb["labels"]:
-                        continue
-                    ok_a = [p == y for p, y in zip(pa["pred"], labels, strict=True)]
-                    ok_b = [p == y for p, y in zip(pb["pred"], labels, strict=True)]
-                    tot_b += sum(1 for x, y in zip(ok_a, ok_b, strict=True) if y and not x)
-                    tot_c += sum(1 for x, y in zip(ok_a, ok_b, strict=True) if x and not y)
-                    n_pairs += 1
-                if n_pairs:
-                    pair_lines.append(
-                        f"| {wb}/{ab} | {s} | {n_pairs} | {tot_b} | {tot_c} | "
-                        f"{tot_b - tot_c:+d} | {mcnemar_p(tot_b, tot_c):.3g} |"
-                    )
-        if pair_lines:
-            lines += [
-                f"Paired comparison, {cmp} vs {ref}, same images and seeds (summed over seeds): "
-                f"images only {cmp} gets right, only {ref} gets right, and the exact two-sided "
-                "McNemar p-value on those discordant counts.",
-                "",
-                f"| W/A | images | seeds | only {cmp} right | only {ref} right | net | p |",
-                "|---|---|---|---|---|---|---|",
-                *pair_lines,
-                "",
-            ]
+        for cmp in cmps:
+            lines += _paired(groups, model, bits, sets, ref, cmp)
     return "\n".join(lines)
+
+
+def _paired(groups, model, bits, sets, ref: str, cmp: str) -> list[str]:
+    """Paired comparison of label ``cmp`` against ``ref`` on the same images and seeds."""
+    lines: list[str] = []
+    pair_lines = []
+    for wb, ab in bits:
+        a = {r["seed"]: r for r in groups.get((model, wb, ab, ref), [])}
+        b = {r["seed"]: r for r in groups.get((model, wb, ab, cmp), [])}
+        for s in sets:
+            tot_b = tot_c = n_pairs = 0
+            for seed in sorted(set(a) & set(b)):
+                pa, pb = a[seed]["_preds"].get(s), b[seed]["_preds"].get(s)
+                if not pa or not pb:
+                    continue
+                labels = pa["labels"]
+                if labels != pb["labels"]:
+                    continue
+                ok_a = [p == y for p, y in zip(pa["pred"], labels, strict=True)]
+                ok_b = [p == y for p, y in zip(pb["pred"], labels, strict=True)]
+                tot_b += sum(1 for x, y in zip(ok_a, ok_b, strict=True) if y and not x)
+                tot_c += sum(1 for x, y in zip(ok_a, ok_b, strict=True) if x and not y)
+                n_pairs += 1
+            if n_pairs:
+                pair_lines.append(
+                    f"| {wb}/{ab} | {s} | {n_pairs} | {tot_b} | {tot_c} | "
+                    f"{tot_b - tot_c:+d} | {mcnemar_p(tot_b, tot_c):.3g} |"
+                )
+    if pair_lines:
+        lines += [
+            f"Paired comparison, {cmp} vs {ref}, same images and seeds (summed over seeds): "
+            f"images only {cmp} gets right, only {ref} gets right, and the exact two-sided "
+            "McNemar p-value on those discordant counts.",
+            "",
+            f"| W/A | images | seeds | only {cmp} right | only {ref} right | net | p |",
+            "|---|---|---|---|---|---|---|",
+            *pair_lines,
+            "",
+        ]
+    return lines
 
 
 def main() -> int:
@@ -189,7 +196,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--title", default="Accuracy")
     ap.add_argument("--ref-method", default="qdrop")
-    ap.add_argument("--cmp-method", default="pdquant")
+    ap.add_argument("--cmp-method", nargs="+", default=["pdquant"])
     ap.add_argument("--only-bits", help="keep only runs at W/A, e.g. 2/4")
     ap.add_argument("--only-seeds", type=int, nargs="+", help="keep only these seeds")
     args = ap.parse_args()
@@ -208,6 +215,8 @@ def main() -> int:
             cmd += f' {flag} "{val}"'
     if args.only_seeds:
         cmd += " --only-seeds " + " ".join(map(str, args.only_seeds))
+    if args.cmp_method != ["pdquant"]:
+        cmd += " --cmp-method " + " ".join(args.cmp_method)
     text = build(runs, args.title, args.ref_method, args.cmp_method, cmd)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
