@@ -81,7 +81,6 @@ def quantize(
     """
     cfg = make_config(method, preset=preset, w_bits=w_bits, a_bits=a_bits, **overrides)
     x = collect_images(calib)
-    torch.manual_seed(cfg.seed)
     return Calibrator(model, x, cfg, log=log, progress=progress).run()
 
 

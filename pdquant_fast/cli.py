@@ -140,7 +140,6 @@ def cmd_calibrate(args) -> int:
         if not es.has_labels:
             raise CliError(f"evaluation data {spec} has no labels")
         evals.append((spec, es))
-    torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     q, report = Calibrator(model, x, cfg, progress=not args.no_progress).run()
     calib_seconds = time.perf_counter() - t0

@@ -456,12 +456,11 @@ class UnitExecutor:
             return self._ph_shape_only
         if node.op == "call_module":
             return False
-        return all(self._recomputable(p) for p in node.all_input_nodes) and (
-            node.op == "call_method"
-            and node.target in SHAPE_METHODS
-            or node.op == "call_function"
+        shape_op = (node.op == "call_method" and node.target in SHAPE_METHODS) or (
+            node.op == "call_function"
             and node.target in (getattr, operator.getitem, operator.mul, operator.floordiv)
         )
+        return shape_op and all(self._recomputable(p) for p in node.all_input_nodes)
 
     def _exec(self, top: fx.GraphModule, n: fx.Node, env: dict) -> object:
         args = fx.node.map_arg(n.args, lambda a: env[a])
