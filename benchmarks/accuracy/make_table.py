@@ -133,7 +133,11 @@ def build(runs: list[dict], title: str, ref: str, cmps: list[str], command: str)
                     continue
                 row = [method, f"{wb}/{ab}", str(len(rs))]
                 for s in sets:
-                    row.append(fmt_stats([r["_evals"][s]["top1"] for r in rs if s in r["_evals"]]))
+                    vals = [r["_evals"][s]["top1"] for r in rs if s in r["_evals"]]
+                    cell = fmt_stats(vals)
+                    if vals and len(vals) < len(rs):
+                        cell += f" [{len(vals)} of {len(rs)} seeds]"
+                    row.append(cell)
                 cfg = rs[0]["config"]
                 its = sorted({r["iters"] for r in rs})
                 row.append(
