@@ -14,7 +14,8 @@ if has_runs $R/resnet20_ablations; then
 fi
 if has_runs $R/resnet20_long; then
     python3 $T $R/resnet20_long --out docs/accuracy/resnet20_long.md \
-        --title "ResNet-20 / CIFAR-10 W2A4: QDrop vs PD-Quant with more iterations" > /dev/null
+        --title "ResNet-20 / CIFAR-10 W2A4: QDrop vs PD-Quant with more iterations" \
+        --cmp-method pdquant pdquant-lambr1 > /dev/null
 fi
 if has_runs $R/efficientnet; then
     python3 $T $R/efficientnet --out docs/accuracy/efficientnet_lite0.md \

@@ -55,6 +55,9 @@ def jobs(name: str, seeds: list[int]) -> list[tuple[str, str, int, int, int, lis
         for seed in seeds:
             for m in ["qdrop", "pdquant"]:
                 out.append((f"{m}_w2a4_s{seed}", m, 2, 4, seed, ["act_init_max_elems=262144"]))
+            out.append(
+                (f"pdquant-lambr1_w2a4_s{seed}", "pdquant", 2, 4, seed, ABLATIONS["lambr1"])
+            )
     elif name == "efficientnet":
         for seed in seeds:
             for w, a in [(4, 4), (2, 4)]:
