@@ -62,15 +62,6 @@ def _prepare_out(out: str) -> Path:
     return p
 
 
-def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for i in range(len(ds)):
-        x, y = ds[i]
-        xs.append(x)
-        ys.append(int(y))
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
-
-
 def _default_sources(model_name: str, args) -> None:
     """The main job on a fresh machine: foolbox's ImageNet samples for EfficientNet-Lite0."""
     if args.data is None:
@@ -99,7 +90,7 @@ def _open(spec: str, pre, split):
 def cmd_calibrate(args) -> int:
     from .api import atomic_write_json, collect_images, save_quant_state
     from .config import make_config
-    from .data import sha256_of_ids, take_subset
+    from .data import sha256_of_ids, stack_dataset, take_subset
     from .engine import Calibrator, evaluate
     from .info import collect_info
     from .models.registry import build_model
@@ -147,7 +138,7 @@ def cmd_calibrate(args) -> int:
     results = {}
     preds = {}
     for spec, es in evals:
-        xe, ye = _stack(es)
+        xe, ye = stack_dataset(es)
         fp = evaluate(model, xe, ye)
         qq = evaluate(q, xe, ye)
         results[spec] = {
@@ -203,6 +194,7 @@ def cmd_calibrate(args) -> int:
 def cmd_eval(args) -> int:
     from .api import build_quantized_skeleton, load_quant_state
     from .config import CalibConfig
+    from .data import stack_dataset
     from .engine import evaluate
     from .models.registry import build_model
 
@@ -228,7 +220,7 @@ def cmd_eval(args) -> int:
         from .data import take_subset
 
         ds = take_subset(ds, args.eval_size, option="--eval-size")
-    x, y = _stack(ds)
+    x, y = stack_dataset(ds)
     r = evaluate(q, x, y)
     fp = None if args.skip_fp else evaluate(model, x, y)
     fp_txt = "" if fp is None else f"FP32 top-1 {fp['top1']:.2f}%  "

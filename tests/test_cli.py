@@ -142,19 +142,14 @@ def test_unsupported_bits(bits, tmp_path, capsys):
     assert not (tmp_path / "o" / "result.json").exists()
 
 
+def _calib(tmp_path, *extra):
+    """``calibrate`` of cifar_resnet8 on the foolbox CIFAR samples into ``tmp_path/o``."""
+    base = ["calibrate", "--model", "cifar_resnet8", "--data", "foolbox:cifar10"]
+    return [*base, *extra, "--out", str(tmp_path / "o")]
+
+
 def test_zero_iterations(tmp_path, capsys):
-    argv = [
-        "calibrate",
-        "--model",
-        "cifar_resnet8",
-        "--data",
-        "foolbox:cifar10",
-        "--iters",
-        "0",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    _expect_error(argv, capsys, "iters", "positive integer")
+    _expect_error(_calib(tmp_path, "--iters", "0"), capsys, "iters", "positive integer")
 
 
 def test_empty_and_missing_data(tmp_path, capsys):
@@ -168,18 +163,7 @@ def test_empty_and_missing_data(tmp_path, capsys):
 
 @needs_foolbox
 def test_calib_size_larger_than_data(tmp_path, capsys):
-    argv = [
-        "calibrate",
-        "--model",
-        "cifar_resnet8",
-        "--data",
-        "foolbox:cifar10",
-        "--calib-size",
-        "21",
-        "--out",
-        str(tmp_path / "o"),
-    ]
-    _expect_error(argv, capsys, "--calib-size 21", "20")
+    _expect_error(_calib(tmp_path, "--calib-size", "21"), capsys, "--calib-size 21", "20")
 
 
 def test_unwritable_output_folder(tmp_path, capsys):
