@@ -142,11 +142,10 @@ def act_module_for(gm, node) -> nn.Module | None:
 
 
 def is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
-        pass
-    elif node.op == "call_method" and node.target in ("add", "add_"):
-        pass
-    else:
+    is_call = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+    if not is_call:
         return False
     tensor_args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     return len(tensor_args) == 2 and "alpha" not in node.kwargs
@@ -190,7 +189,7 @@ def _common_prefix(targets: list[str]) -> str:
     return ".".join(out)
 
 
-def _layer_end(gm, node: fx.Node) -> list[fx.Node]:
+def layer_chain(gm, node: fx.Node) -> list[fx.Node]:
     """The layer node followed by its BN and activation when each is the only consumer."""
     chain = [node]
     nxt = _sole_user(node)
@@ -323,7 +322,7 @@ def discover_units(gm: fx.GraphModule) -> list[UnitSpec]:
         group = group_for(layer)
         ok = len(group) >= 2 and all(g not in claimed for g in group)
         if ok:
-            end = _layer_end(gm, group[-1])[-1]
+            end = layer_chain(gm, group[-1])[-1]
             src = group[0].args[0] if group[0].args else None
             region = _between(src, end, nodes) if isinstance(src, fx.Node) else []
             io = _check_single_io(region) if region else None
@@ -333,7 +332,7 @@ def discover_units(gm: fx.GraphModule) -> list[UnitSpec]:
                     claimed[x] = len(units)
                 units.append(UnitSpec("chain", region, io[0], io[1], group))
                 continue
-        region = _layer_end(gm, layer)
+        region = layer_chain(gm, layer)
         io = _check_single_io(region)
         if io is None or any(x in claimed for x in region):
             raise GraphError(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import UnitSpec, act_module_for, is_add, is_bn, is_quant_layer
+from .graph import UnitSpec, act_module_for, is_add, is_bn, is_quant_layer, layer_chain
 from .quant import ActQuantizer, WeightQuantizer
 
 
@@ -140,19 +140,14 @@ def _quantize_unit(unit_gm: fx.GraphModule, name: str, s: QuantSettings) -> fx.G
         if not is_quant_layer(unit_gm, n):
             continue
         layer = unit_gm.get_submodule(n.target)
-        chain = [n]
+        chain = layer_chain(unit_gm, n)  # the layer, then its BN and activation if present
         bn = None
         act = None
-        nxt = next(iter(n.users)) if len(n.users) == 1 else None
-        if nxt is not None and is_bn(unit_gm, nxt):
-            bn = unit_gm.get_submodule(nxt.target)
-            chain.append(nxt)
-            nxt = next(iter(nxt.users)) if len(nxt.users) == 1 else None
-        if nxt is not None and nxt.op != "output":
-            a = act_module_for(unit_gm, nxt)
-            if a is not None:
-                act = copy.deepcopy(a)
-                chain.append(nxt)
+        for c in chain[1:]:
+            if is_bn(unit_gm, c):
+                bn = unit_gm.get_submodule(c.target)
+            else:
+                act = copy.deepcopy(act_module_for(unit_gm, c))
         qname = str(n.target)
         mod_name = "q_" + qname.replace(".", "_")
         unit_gm.add_submodule(mod_name, QuantLayer(layer, bn, act, s.w_bits, s.a_bits, qname))
@@ -259,10 +254,6 @@ def _unit_output_is_network_output(top: fx.GraphModule, k: int) -> bool:
 
 def all_quant_layers(top: fx.GraphModule) -> list[QuantLayer]:
     return [m for m in top.modules() if isinstance(m, QuantLayer)]
-
-
-def all_act_quantizers(top: fx.GraphModule) -> list[ActQuantizer]:
-    return [m for m in top.modules() if isinstance(m, ActQuantizer)]
 
 
 def set_quant_state(top: nn.Module, weight: bool, act: bool) -> None:
