@@ -51,8 +51,10 @@ class Status:
 
 
 def registered_ops() -> list[str]:
-    """Names of the ops that have a contract (``torch.library`` schema). None yet."""
-    return []
+    """Names of the ops that have a contract (``torch.library`` schema in ``ops/library.py``)."""
+    from .ops import backends, library  # noqa: F401  (importing library registers the ops)
+
+    return sorted(backends.OPS)
 
 
 def cpu_info() -> dict[str, Any]:
@@ -191,18 +193,23 @@ def backend_status() -> dict[str, Status]:
 
 
 def kernels_table(ops: list[str] | None = None) -> list[KernelRow]:
-    """One :class:`KernelRow` per (op, backend) for ``ops`` (default: :func:`registered_ops`).
+    """One :class:`KernelRow` per (op, backend): can it run here, and if not, why not.
 
-    Availability is per backend for now; it becomes per op once the dispatch layer records which
-    op has which kernel.
+    Asked per op of the backend chooser (:mod:`pdquant_fast.ops.backends`), for CUDA tensors when
+    a CUDA device is usable and for CPU tensors otherwise.
     """
+    from .ops import backends
+
     ops = registered_ops() if ops is None else ops
-    backends = backend_status()
-    return [
-        KernelRow(op, name, status.available, status.reason)
-        for op in ops
-        for name, status in backends.items()
-    ]
+    device = "cuda" if cuda_status().available else "cpu"
+    rows = []
+    for op in ops:
+        info = backends.OPS[op]
+        bits = info.bits[0] if info.bits else None
+        for name in BACKENDS:
+            fn, why = backends.candidate(op, name, device, bits)
+            rows.append(KernelRow(op, f"{name}", fn is not None, f"{device}: {why or 'ok'}"))
+    return rows
 
 
 def _format_report(

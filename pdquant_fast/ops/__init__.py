@@ -1,0 +1,33 @@
+"""Op contracts, references and the kernel backend chooser (see :mod:`.library`, :mod:`.backends`).
+
+``import pdquant_fast.ops`` registers the ``torch.library`` schemas (``torch.ops.pdquant.*``); it
+imports neither the compiled extension nor Triton, and never initialises CUDA.
+"""
+
+from .backends import BACKENDS, BackendError, choose, explain, force
+from .library import (
+    OP_BITS,
+    OpInputError,
+    adaround_hard,
+    adaround_soft,
+    adaround_soft_backward,
+    fake_quant_act,
+    fake_quant_act_backward,
+    mse_search_2d,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "OP_BITS",
+    "OpInputError",
+    "adaround_hard",
+    "adaround_soft",
+    "adaround_soft_backward",
+    "choose",
+    "explain",
+    "fake_quant_act",
+    "fake_quant_act_backward",
+    "force",
+    "mse_search_2d",
+]

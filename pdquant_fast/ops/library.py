@@ -1,0 +1,325 @@
+"""The op contracts: every ``torch.library`` schema of pdquant-fast, in this one file.
+
+Each op here has a fake (meta) kernel, so it traces under ``torch.compile`` / ``torch.export``;
+the differentiable ones have autograd formulas that call their backward op; every op validates its
+inputs (dtype, device, contiguity, shapes, bit-width) with an error that names what was wrong and
+what is allowed. The implementation that runs is picked by :mod:`pdquant_fast.ops.backends`
+(reference, C++, Triton or CUDA; ``PDQUANT_KERNELS`` forces one); all of them have the signature of
+the reference in :mod:`pdquant_fast.ops.reference`, where the exact math is written down.
+
+Ops (namespace ``pdquant``):
+
+* ``fake_quant_act(x, delta, zero_point, bits, axis, keep_prob, seed?, mask?) -> y`` and its
+  ``fake_quant_act_backward(grad, ...) -> (grad_x, grad_delta)``: learnable-step fake-quant with
+  QDrop, per tensor or per channel (used for activations and round-to-nearest weights);
+* ``adaround_soft(w_floor, alpha, delta, zero_point, bits, beta) -> (w_q, reg)`` and
+  ``adaround_soft_backward(grad_wq, grad_reg, ...) -> grad_alpha``: AdaRound soft weight and its
+  regulariser in one pass;
+* ``adaround_hard(w_floor, alpha, zero_point, bits) -> codes``: final integer codes (uint8);
+* ``mse_search_2d(x, bits, steps) -> (delta, zero_point)``: the L2.4 initialisation search.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+OP_BITS = (2, 3, 4, 5, 6, 7, 8)
+backends.register_op("fake_quant_act", OP_BITS)
+backends.register_op("fake_quant_act_backward", OP_BITS)
+backends.register_op("adaround_soft", OP_BITS)
+backends.register_op("adaround_soft_backward", OP_BITS)
+backends.register_op("adaround_hard", OP_BITS)
+backends.register_op("mse_search_2d", OP_BITS)
+
+#: Largest tensor the in-kernel QDrop hash can index (flat uint32 index).
+MAX_HASH_NUMEL = 1 << 32
+
+
+class OpInputError(ValueError):
+    """An op was called with a tensor or argument it does not accept."""
+
+
+def _check_tensor(name: str, t: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise OpInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise OpInputError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise OpInputError(f"{name} is on {t.device} but the input is on {device}; use one device")
+    if not t.is_contiguous():
+        raise OpInputError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in OP_BITS:
+        raise OpInputError(f"bits must be one of {list(OP_BITS)}, got {bits!r}")
+
+
+def _check_qparams(x: Tensor, delta: Tensor, zero_point: Tensor, axis: int, bits: int) -> None:
+    """``delta``/``zero_point``: float32, ``[]`` or ``[x.shape[axis]]``; ``axis`` valid."""
+    _check_tensor("x", x, torch.float32, x.device)
+    _check_tensor("delta", delta, torch.float32, x.device)
+    _check_tensor("zero_point", zero_point, torch.float32, x.device)
+    _check_bits(bits)
+    if delta.shape != zero_point.shape:
+        raise OpInputError(
+            f"delta {tuple(delta.shape)} and zero_point {tuple(zero_point.shape)} "
+            "must have one shape"
+        )
+    if delta.dim() == 1:
+        if x.dim() == 0 or not -x.dim() <= axis < x.dim():
+            raise OpInputError(f"axis {axis} is out of range for x of shape {tuple(x.shape)}")
+        if delta.shape[0] != x.shape[axis]:
+            raise OpInputError(
+                f"per-channel delta has {delta.shape[0]} entries but x.shape[{axis}] is "
+                f"{x.shape[axis]}"
+            )
+    elif delta.dim() != 0:
+        raise OpInputError(
+            f"delta must be 0-d (per tensor) or 1-d (per channel), got {delta.dim()}-d"
+        )
+    if x.numel() >= MAX_HASH_NUMEL:
+        raise OpInputError(
+            f"x has {x.numel()} elements; at most {MAX_HASH_NUMEL - 1} are supported"
+        )
+
+
+def _check_drop(x: Tensor, keep_prob: float, seed: Tensor | None, mask: Tensor | None) -> None:
+    if not 0.0 < keep_prob <= 1.0:
+        raise OpInputError(f"keep_prob must be in (0, 1], got {keep_prob!r}")
+    if seed is not None and mask is not None:
+        raise OpInputError("give either seed (mask drawn in the kernel) or mask, not both")
+    if mask is not None:
+        _check_tensor("mask", mask, torch.bool, x.device)
+        if mask.shape != x.shape:
+            raise OpInputError(f"mask {tuple(mask.shape)} must have x's shape {tuple(x.shape)}")
+    if seed is not None:
+        _check_tensor("seed", seed, torch.int64, x.device)
+        if seed.dim() != 0:
+            raise OpInputError(f"seed must be a 0-d int64 tensor, got shape {tuple(seed.shape)}")
+        if keep_prob >= 1.0:
+            raise OpInputError(
+                "a seed was given with keep_prob=1 (nothing to drop); pass seed=None"
+            )
+
+
+def _run(op: str, device: torch.device, bits: int | None):
+    return backends.choose(op, device.type, bits)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# fake_quant_act
+
+
+@torch.library.custom_op("pdquant::fake_quant_act", mutates_args=())
+def fake_quant_act(
+    x: Tensor,
+    delta: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    axis: int,
+    keep_prob: float,
+    seed: Tensor | None,
+    mask: Tensor | None,
+) -> Tensor:
+    """Fake-quant with QDrop: see :func:`~pdquant_fast.ops.reference.fake_quant_act_reference`."""
+    _check_qparams(x, delta, zero_point, axis, bits)
+    _check_drop(x, keep_prob, seed, mask)
+    return _run("fake_quant_act", x.device, bits)(
+        x, delta, zero_point, bits, axis, keep_prob, seed, mask
+    )
+
+
+@fake_quant_act.register_fake
+def _(x, delta, zero_point, bits, axis, keep_prob, seed, mask):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pdquant::fake_quant_act_backward", mutates_args=())
+def fake_quant_act_backward(
+    grad: Tensor,
+    x: Tensor,
+    delta: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    axis: int,
+    keep_prob: float,
+    seed: Tensor | None,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_delta)``: see :func:`~.reference.fake_quant_act_backward_reference`."""
+    _check_qparams(x, delta, zero_point, axis, bits)
+    _check_drop(x, keep_prob, seed, mask)
+    _check_tensor("grad", grad, torch.float32, x.device)
+    if grad.shape != x.shape:
+        raise OpInputError(f"grad {tuple(grad.shape)} must have x's shape {tuple(x.shape)}")
+    return _run("fake_quant_act_backward", x.device, bits)(
+        grad, x, delta, zero_point, bits, axis, keep_prob, seed, mask
+    )
+
+
+@fake_quant_act_backward.register_fake
+def _(grad, x, delta, zero_point, bits, axis, keep_prob, seed, mask):
+    return torch.empty_like(x), torch.empty_like(delta)
+
+
+def _fq_setup(ctx, inputs, output):
+    x, delta, zero_point, bits, axis, keep_prob, seed, mask = inputs
+    ctx.save_for_backward(x, delta, zero_point, seed, mask)
+    ctx.bits, ctx.axis, ctx.keep_prob = bits, axis, keep_prob
+
+
+def _fq_backward(ctx, grad):
+    x, delta, zero_point, seed, mask = ctx.saved_tensors
+    gx, gd = fake_quant_act_backward(
+        grad.contiguous(), x, delta, zero_point, ctx.bits, ctx.axis, ctx.keep_prob, seed, mask
+    )
+    return gx, gd, None, None, None, None, None, None
+
+
+fake_quant_act.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# adaround
+
+
+def _check_adaround(
+    w_floor: Tensor, alpha: Tensor | None, delta: Tensor | None, zero_point: Tensor, bits: int
+) -> None:
+    _check_tensor("w_floor", w_floor, torch.float32, w_floor.device)
+    if w_floor.dim() < 1:
+        raise OpInputError("w_floor must have an output-channel axis 0, got a 0-d tensor")
+    if alpha is not None:
+        _check_tensor("alpha", alpha, torch.float32, w_floor.device)
+        if alpha.shape != w_floor.shape:
+            raise OpInputError(
+                f"alpha {tuple(alpha.shape)} must have w_floor's shape {tuple(w_floor.shape)}"
+            )
+    c = w_floor.shape[0]
+    for name, t in (("delta", delta), ("zero_point", zero_point)):
+        if t is None:
+            continue
+        _check_tensor(name, t, torch.float32, w_floor.device)
+        if t.shape != (c,):
+            raise OpInputError(
+                f"{name} must have shape [{c}] (one per output channel), got {tuple(t.shape)}"
+            )
+    _check_bits(bits)
+
+
+def _check_beta(beta: Tensor, device: torch.device) -> None:
+    _check_tensor("beta", beta, torch.float32, device)
+    if beta.dim() != 0:
+        raise OpInputError(f"beta must be a 0-d float32 tensor, got shape {tuple(beta.shape)}")
+
+
+@torch.library.custom_op("pdquant::adaround_soft", mutates_args=())
+def adaround_soft(
+    w_floor: Tensor, alpha: Tensor, delta: Tensor, zero_point: Tensor, bits: int, beta: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(w_q, reg)``: see :func:`~pdquant_fast.ops.reference.adaround_soft_reference`."""
+    _check_adaround(w_floor, alpha, delta, zero_point, bits)
+    _check_beta(beta, w_floor.device)
+    return _run("adaround_soft", w_floor.device, bits)(
+        w_floor, alpha, delta, zero_point, bits, beta
+    )
+
+
+@adaround_soft.register_fake
+def _(w_floor, alpha, delta, zero_point, bits, beta):
+    return torch.empty_like(w_floor), w_floor.new_empty(())
+
+
+@torch.library.custom_op("pdquant::adaround_soft_backward", mutates_args=())
+def adaround_soft_backward(
+    grad_wq: Tensor,
+    grad_reg: Tensor,
+    w_floor: Tensor,
+    alpha: Tensor,
+    delta: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    beta: Tensor,
+) -> Tensor:
+    """``grad_alpha``: see :func:`~.reference.adaround_soft_backward_reference`."""
+    _check_adaround(w_floor, alpha, delta, zero_point, bits)
+    _check_beta(beta, w_floor.device)
+    _check_tensor("grad_wq", grad_wq, torch.float32, w_floor.device)
+    _check_tensor("grad_reg", grad_reg, torch.float32, w_floor.device)
+    if grad_wq.shape != w_floor.shape or grad_reg.dim() != 0:
+        raise OpInputError("grad_wq must have w_floor's shape and grad_reg must be 0-d")
+    return _run("adaround_soft_backward", w_floor.device, bits)(
+        grad_wq, grad_reg, w_floor, alpha, delta, zero_point, bits, beta
+    )
+
+
+@adaround_soft_backward.register_fake
+def _(grad_wq, grad_reg, w_floor, alpha, delta, zero_point, bits, beta):
+    return torch.empty_like(alpha)
+
+
+def _ada_setup(ctx, inputs, output):
+    w_floor, alpha, delta, zero_point, bits, beta = inputs
+    ctx.save_for_backward(w_floor, alpha, delta, zero_point, beta)
+    ctx.bits = bits
+
+
+def _ada_backward(ctx, grad_wq, grad_reg):
+    w_floor, alpha, delta, zero_point, beta = ctx.saved_tensors
+    if grad_wq is None:
+        grad_wq = torch.zeros_like(w_floor)
+    if grad_reg is None:
+        grad_reg = w_floor.new_zeros(())
+    g = adaround_soft_backward(
+        grad_wq.contiguous(),
+        grad_reg.contiguous(),
+        w_floor,
+        alpha,
+        delta,
+        zero_point,
+        ctx.bits,
+        beta,
+    )
+    return None, g, None, None, None, None
+
+
+adaround_soft.register_autograd(_ada_backward, setup_context=_ada_setup)
+
+
+@torch.library.custom_op("pdquant::adaround_hard", mutates_args=())
+def adaround_hard(w_floor: Tensor, alpha: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """uint8 codes: see :func:`~pdquant_fast.ops.reference.adaround_hard_reference`."""
+    _check_adaround(w_floor, alpha, None, zero_point, bits)
+    return _run("adaround_hard", w_floor.device, bits)(w_floor, alpha, zero_point, bits)
+
+
+@adaround_hard.register_fake
+def _(w_floor, alpha, zero_point, bits):
+    return torch.empty_like(w_floor, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation search
+
+
+@torch.library.custom_op("pdquant::mse_search_2d", mutates_args=())
+def mse_search_2d(x: Tensor, bits: int, steps: int) -> tuple[Tensor, Tensor]:
+    """``(delta [C], zero_point [C])``: see :func:`~.reference.mse_search_2d_reference`."""
+    _check_tensor("x", x, torch.float32, x.device)
+    _check_bits(bits)
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise OpInputError(f"x must be a non-empty 2-d [C, K] tensor, got {tuple(x.shape)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise OpInputError(f"steps must be a positive int, got {steps!r}")
+    if not torch.isfinite(x).all():
+        raise OpInputError("x contains NaN or Inf; the search needs finite values")
+    return _run("mse_search_2d", x.device, bits)(x, bits, steps)
+
+
+@mse_search_2d.register_fake
+def _(x, bits, steps):
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])

@@ -1,0 +1,249 @@
+"""Reference implementations of every op contract in :mod:`pdquant_fast.ops.library`.
+
+Plain PyTorch, float32, written to be read; each function has exactly the signature of its op.
+Rounding is ``torch.round`` (round half to even) everywhere. Division is true IEEE division
+``x / delta`` (never ``x * (1 / delta)``), and the operation order written here is the contract:
+fast kernels reproduce it op for op, so that everything that is not a reduction is bit-exact.
+
+QDrop mask (the same in every backend, so a seed gives the same mask on CPU and GPU)::
+
+    key  = lowbias32(uint32(seed) ^ 0x9E3779B9)
+    h[i] = lowbias32(uint32(i) ^ key)                 i = flat index into contiguous x
+    keep[i] = h[i] < thresh,  thresh = floor(keep_prob * 2**32)   (computed in float64)
+
+    lowbias32(v): v ^= v >> 16; v *= 0x7FEB352D; v ^= v >> 15; v *= 0x846CA68B; v ^= v >> 16
+    (uint32 arithmetic, multiplications modulo 2**32; C. Wellons' "lowbias32" integer hash)
+
+``keep[i]`` true means element ``i`` takes its quantized value (QDrop: keep_prob = probability of
+quantizing, spec §6.2 item 6).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound rectified-sigmoid stretch (spec §7.2)
+HASH_KEY_XOR = 0x9E3779B9
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(v: torch.Tensor, c: int) -> torch.Tensor:
+    """``(v * c) mod 2**32`` for int64 ``v`` in ``[0, 2**32)``, without int64 overflow.
+
+    The constant is split into 16-bit halves so that every product stays below ``2**48``.
+    """
+    lo, hi = c & 0xFFFF, c >> 16
+    return (v * lo + (((v * hi) & 0xFFFF) << 16)) & _M32
+
+
+def lowbias32(v: torch.Tensor) -> torch.Tensor:
+    """C. Wellons' lowbias32 hash of int64 tensors holding uint32 values (uint32 in int64)."""
+    v = v ^ (v >> 16)
+    v = _mul32(v, 0x7FEB352D)
+    v = v ^ (v >> 15)
+    v = _mul32(v, 0x846CA68B)
+    return v ^ (v >> 16)
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """``floor(keep_prob * 2**32)`` in float64: an element is quantized when its hash is below."""
+    if not 0.0 < keep_prob <= 1.0:
+        raise ValueError(f"keep_prob must be in (0, 1], got {keep_prob!r}")
+    return int(keep_prob * 4294967296.0)
+
+
+def qdrop_mask_reference(seed: torch.Tensor, numel: int, keep_prob: float) -> torch.Tensor:
+    """Bool mask of ``numel`` elements, True = quantize; see the module docstring for the hash."""
+    s = seed.to(torch.int64).reshape(()) & _M32
+    key = lowbias32(s ^ HASH_KEY_XOR)
+    idx = torch.arange(numel, dtype=torch.int64, device=seed.device)
+    return lowbias32(idx ^ key) < keep_threshold(keep_prob)
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Reshape a per-channel ``[C]`` parameter so it broadcasts along ``axis`` of ``x``."""
+    if t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _mask_for(
+    x: torch.Tensor, keep_prob: float, seed: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    if mask is not None:
+        return mask
+    if seed is not None and keep_prob < 1.0:
+        return qdrop_mask_reference(seed, x.numel(), keep_prob).reshape(x.shape)
+    return None
+
+
+def fake_quant_act_reference(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    axis: int,
+    keep_prob: float,
+    seed: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = m * dq(q(x)) + (1 - m) * x``, ``dq(q(x)) = (clamp(round(x / d) + z, 0, n) - z) * d``.
+
+    Shapes: ``x`` float32, any shape; ``delta``/``zero_point`` float32 ``[]`` (per tensor) or
+    ``[C]`` with ``C = x.shape[axis]`` (per channel); ``mask`` bool, ``x``'s shape; ``seed`` int64
+    ``[]``. ``n = 2**bits - 1``. Operation order: ``t = x / d``; ``r = round(t)``; ``k = r + z``;
+    ``c = clamp(k, 0, n)``; ``y = (c - z) * d``.
+    """
+    n = 2**bits - 1
+    d = _channel_view(delta, x, axis)
+    z = _channel_view(zero_point, x, axis)
+    y = (torch.clamp(torch.round(x / d) + z, 0, n) - z) * d
+    m = _mask_for(x, keep_prob, seed, mask)
+    return y if m is None else torch.where(m, y, x)
+
+
+def fake_quant_act_backward_reference(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    axis: int,
+    keep_prob: float,
+    seed: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_delta)`` of :func:`fake_quant_act_reference` (spec §7.1).
+
+    Per element, with ``t = x / d``, ``k = round(t) + z``:
+
+    ============================  ===========  ==========================
+    element                       grad_x       grad_delta term
+    ============================  ===========  ==========================
+    not quantized (mask false)    ``g``        0
+    ``0 <= k <= n``               ``g``        ``g * (round(t) - t)``
+    ``k < 0``                     0            ``g * (0 - z)``
+    ``k > n``                     0            ``g * (n - z)``
+    ============================  ===========  ==========================
+
+    ``grad_delta`` is the sum of the terms over the whole tensor (``[]``) or over all axes but
+    ``axis`` (``[C]``). This is the straight-through LSQ step gradient without LSQ's gradient
+    scale, what autograd gives for the official quantizer. The reference sums in float64 and
+    rounds once to float32; fast kernels sum in float32 with their own order (error budget in
+    the tests).
+    """
+    n = 2**bits - 1
+    d = _channel_view(delta, x, axis)
+    z = _channel_view(zero_point, x, axis)
+    t = x / d
+    r = torch.round(t)
+    k = r + z
+    inside = (k >= 0) & (k <= n)
+    term = torch.where(inside, r - t, torch.where(k < 0, -z, n - z).expand_as(t))
+    gx = torch.where(inside, grad, torch.zeros_like(grad))
+    m = _mask_for(x, keep_prob, seed, mask)
+    if m is not None:
+        gx = torch.where(m, gx, grad)
+        term = torch.where(m, term, torch.zeros_like(term))
+    prod = grad.double() * term.double()
+    if delta.dim() == 0:
+        gd = prod.sum()
+    else:
+        dims = [i for i in range(x.dim()) if i != axis % x.dim()]
+        gd = prod.sum(dim=dims) if dims else prod
+    return gx, gd.to(delta.dtype)
+
+
+def rectified_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """AdaRound ``h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def adaround_soft_reference(
+    w_floor: torch.Tensor,
+    alpha: torch.Tensor,
+    delta: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AdaRound soft-quantized weight and rounding regulariser (AdaRound eq. 22-24, spec §7.2).
+
+    Shapes: ``w_floor = floor(W / delta)`` and ``alpha`` float32 ``[C_out, ...]``; ``delta`` and
+    ``zero_point`` float32 ``[C_out]`` (per output channel, axis 0); ``beta`` float32 ``[]``.
+    Returns ``w_q = (clamp(w_floor + h(alpha) + z, 0, n) - z) * d`` (``[C_out, ...]``) and
+    ``reg = sum(1 - |2 h(alpha) - 1| ** beta)`` (``[]``, summed in float64, rounded once).
+    """
+    n = 2**bits - 1
+    d = _channel_view(delta, w_floor, 0)
+    z = _channel_view(zero_point, w_floor, 0)
+    h = rectified_sigmoid(alpha)
+    w_q = (torch.clamp(w_floor + h + z, 0, n) - z) * d
+    reg = (1 - (2 * h - 1).abs().pow(beta)).double().sum().float()
+    return w_q, reg
+
+
+def adaround_soft_backward_reference(
+    grad_wq: torch.Tensor,
+    grad_reg: torch.Tensor,
+    w_floor: torch.Tensor,
+    alpha: torch.Tensor,
+    delta: torch.Tensor,
+    zero_point: torch.Tensor,
+    bits: int,
+    beta: torch.Tensor,
+) -> torch.Tensor:
+    """``grad_alpha`` of :func:`adaround_soft_reference` for output grads ``(grad_wq, grad_reg)``.
+
+    With ``s = sigmoid(alpha)``, ``u = s * (zeta - gamma) + gamma``, ``h = clamp(u, 0, 1)``,
+    ``h' = (zeta - gamma) * s * (1 - s)`` where ``0 <= u <= 1`` else 0 (clamp bounds inclusive,
+    as torch's clamp backward), ``k = w_floor + h + z``::
+
+        grad_alpha = grad_wq * d * [0 <= k <= n] * h'
+                   - grad_reg * beta * |2h - 1| ** (beta - 1) * sign(2h - 1) * 2 * h'
+    """
+    n = 2**bits - 1
+    d = _channel_view(delta, w_floor, 0)
+    z = _channel_view(zero_point, w_floor, 0)
+    s = torch.sigmoid(alpha)
+    u = s * (ZETA - GAMMA) + GAMMA
+    h = torch.clamp(u, 0, 1)
+    dh = torch.where((u >= 0) & (u <= 1), (ZETA - GAMMA) * s * (1 - s), torch.zeros_like(s))
+    k = w_floor + h + z
+    inside = (k >= 0) & (k <= n)
+    g_q = torch.where(inside, grad_wq * d, torch.zeros_like(grad_wq)) * dh
+    v = 2 * h - 1
+    g_r = -grad_reg * beta * v.abs().pow(beta - 1) * torch.sign(v) * 2 * dh
+    return g_q + g_r
+
+
+def adaround_hard_reference(
+    w_floor: torch.Tensor, alpha: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Final AdaRound integer codes ``clamp(w_floor + [alpha >= 0] + z, 0, n)`` as uint8.
+
+    Exact: every backend returns the same codes. ``zero_point`` is ``[C_out]`` (axis 0).
+    """
+    n = 2**bits - 1
+    z = _channel_view(zero_point, w_floor, 0)
+    codes = torch.clamp(w_floor + (alpha >= 0).to(w_floor.dtype) + z, 0, n)
+    return codes.to(torch.uint8)
+
+
+def mse_search_2d_reference(
+    x: torch.Tensor, bits: int, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official 2-D L2.4 init search (spec §1.3) per row of ``x`` ``[C, K]``.
+
+    For each row: ``R = max(x_max, 0) - min(x_min, 0)``; for range ``i = 1..steps`` and zero point
+    ``z = 0..n``, candidate step ``d_i = max(R * i / steps / n, 1e-8)``, codes
+    ``v = clamp(round(x / d_i), -z, n - z)``, score ``mean(|x - v * d_i| ** 2.4)``; the row keeps
+    the first (lowest ``(i, z)``) candidate with the lowest score and returns
+    the ``calculate_qparams``
+    of its interval ``[-z d_i, R i / steps - z d_i]``: ``(delta [C], zero_point [C])`` float32.
+    """
+    from ..quant import mse_search_2d
+
+    return mse_search_2d(x, bits, channel_wise=True, steps=steps)
