@@ -15,6 +15,7 @@ from .library import (
     fake_quant_act_backward,
     mse_search_2d,
 )
+from .library import pack, qconv2d, qlinear, unpack  # deployment (packed low-bit inference)
 
 __all__ = [
     "BACKENDS",
@@ -30,4 +31,8 @@ __all__ = [
     "fake_quant_act_backward",
     "force",
     "mse_search_2d",
+    "pack",
+    "qconv2d",
+    "qlinear",
+    "unpack",
 ]

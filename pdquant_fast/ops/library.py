@@ -323,3 +323,269 @@ def mse_search_2d(x: Tensor, bits: int, steps: int) -> tuple[Tensor, Tensor]:
 @mse_search_2d.register_fake
 def _(x, bits, steps):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# deployment (packed low-bit inference)
+#
+# pack(codes, bits) -> packed, unpack(packed, bits, k) -> codes: the storage format of weight
+# codes (little-endian within a byte, rows padded to whole bytes; see reference.pack_reference).
+# qconv2d / qlinear: integer accumulation of (x - x_zp) * w in int32 (exact), then the fused
+# requantisation y = float(acc) * scale + bias (+ residual), activation, and either float32 y
+# (out_bits = 0) or uint8 codes clamp(round_half_even(y / out_scale) + out_zp, 0, 2^out_bits - 1).
+# The exact math is in reference.qconv2d_reference; backends: <op>_cpu (pdquant_fast._C),
+# <op>_triton (pdquant_fast.kernels), <op>_cuda. A backend may offer `<op>_prepack_<backend>(w)`
+# (not an op): the packed runtime calls it once at load time and passes its result in place of
+# ``w`` to that backend's own entry point; the op below always takes the plain int8/int16 ``w``.
+
+PACK_BITS = (2, 4, 8)
+QOUT_BITS = (0, 2, 3, 4, 5, 6, 7, 8)  # 0: float32 output
+QACT = {0: "none", 1: "relu", 2: "relu6"}
+#: Largest |acc| the int32 accumulator holds; validation rejects shapes that could exceed it.
+ACC_LIMIT = (1 << 31) - 1
+
+backends.register_op("pack", PACK_BITS)
+backends.register_op("unpack", PACK_BITS)
+backends.register_op("qconv2d", None)
+backends.register_op("qlinear", None)
+
+
+def _check_pack_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in PACK_BITS:
+        raise OpInputError(f"pack bits must be one of {list(PACK_BITS)}, got {bits!r}")
+
+
+def packed_row_bytes(k: int, bits: int) -> int:
+    """Bytes per packed row of ``k`` codes at ``bits``: ``ceil(k * bits / 8)``."""
+    return (k * bits + 7) // 8
+
+
+@torch.library.custom_op("pdquant::pack", mutates_args=())
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """uint8 ``[O, K]`` codes in ``0..2^bits-1`` -> uint8 ``[O, ceil(K*bits/8)]``.
+
+    See :func:`~pdquant_fast.ops.reference.pack_reference` for the bit layout.
+    """
+    _check_tensor("codes", codes, torch.uint8, codes.device)
+    _check_pack_bits(bits)
+    if codes.dim() != 2:
+        raise OpInputError(f"codes must be 2-d [O, K], got shape {tuple(codes.shape)}")
+    if bits < 8 and codes.numel() and int(codes.max()) >= 1 << bits:
+        raise OpInputError(
+            f"codes must lie in 0..{(1 << bits) - 1} for {bits}-bit packing, "
+            f"found {int(codes.max())}"
+        )
+    return _run("pack", codes.device, bits)(codes, bits)
+
+
+@pack.register_fake
+def _(codes, bits):
+    return codes.new_empty((codes.shape[0], packed_row_bytes(codes.shape[1], bits)))
+
+
+@torch.library.custom_op("pdquant::unpack", mutates_args=())
+def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
+    """uint8 ``[O, ceil(k*bits/8)]`` -> uint8 codes ``[O, k]`` (inverse of :func:`pack`)."""
+    _check_tensor("packed", packed, torch.uint8, packed.device)
+    _check_pack_bits(bits)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise OpInputError(f"k must be a non-negative int, got {k!r}")
+    if packed.dim() != 2 or packed.shape[1] != packed_row_bytes(k, bits):
+        raise OpInputError(
+            f"packed must be 2-d [O, {packed_row_bytes(k, bits)}] for k={k} at {bits} bits, "
+            f"got shape {tuple(packed.shape)}"
+        )
+    return _run("unpack", packed.device, bits)(packed, bits, k)
+
+
+@unpack.register_fake
+def _(packed, bits, k):
+    return packed.new_empty((packed.shape[0], k))
+
+
+def _check_requant(
+    x: Tensor,
+    x_zp: int,
+    w: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    act: int,
+    out_scale: float,
+    out_zp: int,
+    out_bits: int,
+    k_per_out: int,
+) -> None:
+    """Shared checks of qconv2d/qlinear (everything but the spatial arguments)."""
+    _check_tensor("x", x, torch.uint8, x.device)
+    if not isinstance(w, Tensor) or w.dtype not in (torch.int8, torch.int16):
+        got = w.dtype if isinstance(w, Tensor) else type(w).__name__
+        raise OpInputError(
+            f"w must be int8 (weight bits <= 7) or int16 (8-bit weights) offsets w_code - w_zp, "
+            f"got {got}"
+        )
+    _check_tensor("w", w, w.dtype, x.device)
+    o = w.shape[0]
+    for name, t in (("scale", scale), ("bias", bias)):
+        _check_tensor(name, t, torch.float32, x.device)
+        if t.shape != (o,):
+            raise OpInputError(
+                f"{name} must be float32 [{o}] (one per output channel), got {tuple(t.shape)}"
+            )
+    if isinstance(x_zp, bool) or not isinstance(x_zp, int) or not 0 <= x_zp <= 255:
+        raise OpInputError(f"x_zp must be an int in 0..255, got {x_zp!r}")
+    if act not in QACT:
+        raise OpInputError(f"act must be one of {QACT} , got {act!r}")
+    if isinstance(out_bits, bool) or out_bits not in QOUT_BITS:
+        raise OpInputError(
+            f"out_bits must be one of {list(QOUT_BITS)} (0 = float32), got {out_bits!r}"
+        )
+    if out_bits:
+        if not (out_scale > 0.0 and out_scale < float("inf")):
+            raise OpInputError(f"out_scale must be finite and > 0, got {out_scale!r}")
+        if (
+            isinstance(out_zp, bool)
+            or not isinstance(out_zp, int)
+            or not (0 <= out_zp <= (1 << out_bits) - 1)
+        ):
+            raise OpInputError(
+                f"out_zp must be an int in 0..{(1 << out_bits) - 1} for out_bits={out_bits}, "
+                f"got {out_zp!r}"
+            )
+    w_max = 128 if w.dtype == torch.int8 else (int(w.abs().max()) if w.numel() else 0)
+    if k_per_out * 255 * w_max > ACC_LIMIT:
+        raise OpInputError(
+            f"int32 accumulator could overflow: {k_per_out} terms x |x - x_zp| <= 255 x "
+            f"|w| <= {w_max} exceeds {ACC_LIMIT}"
+        )
+
+
+def _check_residual(residual: Tensor | None, x: Tensor, shape: tuple[int, ...]) -> None:
+    if residual is None:
+        return
+    _check_tensor("residual", residual, torch.float32, x.device)
+    if tuple(residual.shape) != shape:
+        raise OpInputError(
+            f"residual must have the output's shape {shape}, got {tuple(residual.shape)}"
+        )
+
+
+def qconv2d_out_shape(x_shape, w_shape, stride, padding) -> tuple[int, int, int, int]:
+    """``[N, O, Ho, Wo]`` with ``Ho = (H + 2 ph - kh) // sh + 1`` (no dilation)."""
+    n, _, h, wd = x_shape
+    o, _, kh, kw = w_shape
+    return (
+        n,
+        o,
+        (h + 2 * padding[0] - kh) // stride[0] + 1,
+        (wd + 2 * padding[1] - kw) // stride[1] + 1,
+    )
+
+
+def _check_conv_args(x: Tensor, w: Tensor, stride, padding, groups: int) -> None:
+    if x.dim() != 4 or w.dim() != 4:
+        raise OpInputError(
+            f"qconv2d needs x [N, C, H, W] and w [O, C/groups, kh, kw], got x "
+            f"{tuple(x.shape)} and w {tuple(w.shape)}"
+        )
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0)):
+        if len(v) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < lo for i in v):
+            raise OpInputError(f"{name} must be two ints >= {lo}, got {list(v)!r}")
+    c, o = x.shape[1], w.shape[0]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise OpInputError(f"groups must be a positive int, got {groups!r}")
+    if c % groups or o % groups or w.shape[1] * groups != c:
+        raise OpInputError(
+            f"groups={groups} does not fit x with {c} channels and w {tuple(w.shape)}: need "
+            f"C % groups == 0, O % groups == 0 and w.shape[1] == C / groups"
+        )
+    _, _, ho, wo = qconv2d_out_shape(x.shape, w.shape, stride, padding)
+    if ho < 1 or wo < 1:
+        raise OpInputError(
+            f"output would be empty: input {tuple(x.shape[2:])}, kernel {tuple(w.shape[2:])}, "
+            f"stride {list(stride)}, padding {list(padding)}"
+        )
+
+
+@torch.library.custom_op("pdquant::qconv2d", mutates_args=())
+def qconv2d(
+    x: Tensor,
+    x_zp: int,
+    w: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    stride: list[int],
+    padding: list[int],
+    groups: int,
+    act: int,
+    residual: Tensor | None,
+    out_scale: float,
+    out_zp: int,
+    out_bits: int,
+) -> Tensor:
+    """Packed conv with fused requant: see :func:`~.reference.qconv2d_reference`.
+
+    ``x`` uint8 ``[N, C, H, W]``, ``w`` int8/int16 ``[O, C/groups, kh, kw]``, ``scale``/``bias``
+    float32 ``[O]``, ``residual`` float32 ``[N, O, Ho, Wo]`` or None; returns float32 (out_bits=0)
+    or uint8 ``[N, O, Ho, Wo]``.
+    """
+    _check_conv_args(x, w, stride, padding, groups)
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    _check_requant(x, x_zp, w, scale, bias, act, out_scale, out_zp, out_bits, k)
+    _check_residual(residual, x, qconv2d_out_shape(x.shape, w.shape, stride, padding))
+    return _run("qconv2d", x.device, None)(
+        x,
+        x_zp,
+        w,
+        scale,
+        bias,
+        stride,
+        padding,
+        groups,
+        act,
+        residual,
+        out_scale,
+        out_zp,
+        out_bits,
+    )
+
+
+@qconv2d.register_fake
+def _(x, x_zp, w, scale, bias, stride, padding, groups, act, residual, out_scale, out_zp, out_bits):
+    dtype = torch.float32 if out_bits == 0 else torch.uint8
+    return x.new_empty(qconv2d_out_shape(x.shape, w.shape, stride, padding), dtype=dtype)
+
+
+@torch.library.custom_op("pdquant::qlinear", mutates_args=())
+def qlinear(
+    x: Tensor,
+    x_zp: int,
+    w: Tensor,
+    scale: Tensor,
+    bias: Tensor,
+    act: int,
+    residual: Tensor | None,
+    out_scale: float,
+    out_zp: int,
+    out_bits: int,
+) -> Tensor:
+    """Packed linear with fused requant: see :func:`~.reference.qlinear_reference`.
+
+    ``x`` uint8 ``[N, K]``, ``w`` int8/int16 ``[O, K]``, ``scale``/``bias`` float32 ``[O]``,
+    ``residual`` float32 ``[N, O]`` or None; returns float32 (out_bits=0) or uint8 ``[N, O]``.
+    """
+    if x.dim() != 2 or not isinstance(w, Tensor) or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise OpInputError(
+            f"qlinear needs x [N, K] and w [O, K] with one K, got x {tuple(x.shape)} and w "
+            f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}"
+        )
+    _check_requant(x, x_zp, w, scale, bias, act, out_scale, out_zp, out_bits, w.shape[1])
+    _check_residual(residual, x, (x.shape[0], w.shape[0]))
+    return _run("qlinear", x.device, None)(
+        x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits
+    )
+
+
+@qlinear.register_fake
+def _(x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits):
+    dtype = torch.float32 if out_bits == 0 else torch.uint8
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=dtype)

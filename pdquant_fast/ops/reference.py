@@ -247,3 +247,153 @@ def mse_search_2d_reference(
     from ..quant import mse_search_2d
 
     return mse_search_2d(x, bits, channel_wise=True, steps=steps)
+
+
+# --------------------------------------------------------------------------------------------
+# deployment (packed low-bit inference)
+
+
+def pack_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[O, K]`` (each in ``0..2^bits-1``) into uint8 ``[O, ceil(K*bits/8)]``.
+
+    Little-endian within a byte: element ``j`` of a row sits in byte ``j // (8 // bits)`` at bit
+    offset ``(j % (8 // bits)) * bits``. Each row is padded with zero bits to a whole byte, so rows
+    start on byte boundaries (a conv weight ``[O, C/g, kh, kw]`` is packed as ``[O, C/g*kh*kw]``)::
+
+        4-bit, one byte:   bit 7 ......... 4 3 ......... 0
+                               [ elem j+1  ] [ elem j    ]     j even
+        2-bit, one byte:   bit 7   6 5   4 3   2 1   0
+                               [j+3] [j+2] [j+1] [ j ]         j % 4 == 0
+
+    8-bit packing is the identity (a copy).
+    """
+    per = 8 // bits
+    o, k = codes.shape
+    nbytes = (k * bits + 7) // 8
+    padded = torch.zeros((o, nbytes * per), dtype=torch.int32, device=codes.device)
+    padded[:, :k] = codes.to(torch.int32)
+    lanes = padded.reshape(o, nbytes, per)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (lanes << shifts).sum(dim=2).to(torch.uint8)
+
+
+def unpack_reference(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_reference`: uint8 ``[O, ceil(k*bits/8)]`` -> uint8 ``[O, k]``."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    lanes = (packed.to(torch.int32)[:, :, None] >> shifts) & mask  # [O, B, per]
+    return lanes.reshape(packed.shape[0], -1)[:, :k].to(torch.uint8).contiguous()
+
+
+def qconv2d_acc_reference(
+    x: torch.Tensor, x_zp: int, w: torch.Tensor, stride, padding, groups: int
+) -> torch.Tensor:
+    """Exact int32 accumulator ``acc[n, o, i, j] = sum (x - x_zp) * w`` over the receptive field.
+
+    ``x`` uint8 ``[N, C, H, W]``, ``w`` int8/int16 ``[O, C/groups, kh, kw]``; padding is the code
+    ``x_zp`` (0 after subtracting the zero point). Computed as a float64 convolution of the
+    integer values: every product and partial sum is an integer below ``2**53`` in magnitude
+    (validation bounds ``|acc| < 2**31``), so the float64 sum is exact in any order; cuDNN is
+    switched off (no FFT/Winograd algorithms) so the CUDA path is im2col + GEMM, exact too.
+    Returns int32 ``[N, O, Ho, Wo]``.
+    """
+    xi = x.to(torch.float64) - float(x_zp)
+    wi = w.to(torch.float64)
+    with torch.backends.cudnn.flags(enabled=False):
+        acc = torch.nn.functional.conv2d(xi, wi, None, tuple(stride), tuple(padding), 1, groups)
+    return acc.to(torch.int32)
+
+
+def qlinear_acc_reference(x: torch.Tensor, x_zp: int, w: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``acc[n, o] = sum_k (x[n, k] - x_zp) * w[o, k]`` (float64 matmul of integers,
+    exact as in :func:`qconv2d_acc_reference`). ``x`` uint8 ``[N, K]``, ``w`` int8/int16
+    ``[O, K]`` -> int32 ``[N, O]``."""
+    xi = x.to(torch.float64) - float(x_zp)
+    return (xi @ w.to(torch.float64).t()).to(torch.int32)
+
+
+def requant_reference(
+    acc: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    act: int,
+    residual: torch.Tensor | None,
+    out_scale: float,
+    out_zp: int,
+    out_bits: int,
+) -> torch.Tensor:
+    """The fused requantisation of ``qconv2d``/``qlinear`` (channel axis 1 of ``acc``).
+
+    Float32, in this order, each a separate rounding (no FMA)::
+
+        y = float32(acc) * scale[o]          # int32 -> float32 rounds to nearest even
+        y = y + bias[o]
+        y = y + residual                     # if given
+        y = max(y, 0)  (act 1)  |  min(max(y, 0), 6)  (act 2)
+        out_bits == 0:  return y (float32)
+        else:           q = clamp(round_half_even(y / s) + out_zp, 0, 2^out_bits - 1) as uint8
+
+    with ``s = float32(out_scale)`` and true IEEE division (not a multiply by ``1 / s``: the
+    divisor is a 0-d tensor, as in the simulation's ``x / delta``).
+    """
+    shape = [1] * acc.dim()
+    shape[1] = -1
+    y = acc.to(torch.float32) * scale.reshape(shape)
+    y = y + bias.reshape(shape)
+    if residual is not None:
+        y = y + residual
+    if act == 1:
+        y = torch.clamp_min(y, 0.0)
+    elif act == 2:
+        y = torch.clamp(y, 0.0, 6.0)
+    if out_bits == 0:
+        return y
+    s = torch.tensor(out_scale, dtype=torch.float32, device=y.device)
+    q = torch.clamp(torch.round(y / s) + out_zp, 0, (1 << out_bits) - 1)
+    return q.to(torch.uint8)
+
+
+def qconv2d_reference(
+    x: torch.Tensor,
+    x_zp: int,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    stride,
+    padding,
+    groups: int,
+    act: int,
+    residual: torch.Tensor | None,
+    out_scale: float,
+    out_zp: int,
+    out_bits: int,
+) -> torch.Tensor:
+    """Quantized conv2d: exact integer accumulation + :func:`requant_reference`.
+
+    ``x`` uint8 activation codes ``[N, C, H, W]`` (contiguous NCHW) with zero point ``x_zp``;
+    ``w`` int8 (or int16 for 8-bit weights) signed offsets ``w_code - w_zp[o]``
+    ``[O, C/groups, kh, kw]``; ``scale = act_delta * w_delta`` and ``bias`` (BN-folded) float32
+    ``[O]``; ``residual`` float32 ``[N, O, Ho, Wo]`` or None. Returns float32 ``y`` (out_bits 0)
+    or uint8 codes, ``[N, O, Ho, Wo]``.
+    """
+    acc = qconv2d_acc_reference(x, x_zp, w, stride, padding, groups)
+    return requant_reference(acc, scale, bias, act, residual, out_scale, out_zp, out_bits)
+
+
+def qlinear_reference(
+    x: torch.Tensor,
+    x_zp: int,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    act: int,
+    residual: torch.Tensor | None,
+    out_scale: float,
+    out_zp: int,
+    out_bits: int,
+) -> torch.Tensor:
+    """Quantized linear: ``x`` uint8 ``[N, K]``, ``w`` int8/int16 ``[O, K]``, ``residual``
+    float32 ``[N, O]`` or None; exact int32 accumulation + :func:`requant_reference`."""
+    acc = qlinear_acc_reference(x, x_zp, w)
+    return requant_reference(acc, scale, bias, act, residual, out_scale, out_zp, out_bits)
