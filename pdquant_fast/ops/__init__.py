@@ -14,8 +14,11 @@ from .library import (
     fake_quant_act,
     fake_quant_act_backward,
     mse_search_2d,
+    pack,
+    qconv2d,
+    qlinear,
+    unpack,
 )
-from .library import pack, qconv2d, qlinear, unpack  # deployment (packed low-bit inference)
 
 __all__ = [
     "BACKENDS",
