@@ -54,6 +54,8 @@ class UnitReport:
     dc_bn_loss_before: float | None = None
     dc_bn_loss_after: float | None = None
     losses: dict[str, float] = field(default_factory=dict)  # mean over the last 10% of iters
+    opt_seconds: float = 0.0  # wall time of the reconstruction iterations alone
+    opt_iters: int = 0
 
 
 @dataclass
@@ -332,6 +334,8 @@ class Calibrator:
             self._optimise(ql, [ql], acts, lx_q, lx_fp, y, None, None, sub, ql.name)
             for key, val in sub.losses.items():
                 rep.losses[f"{ql.name}.{key}"] = val
+            rep.opt_seconds += sub.opt_seconds
+            rep.opt_iters += sub.opt_iters
 
     @torch.no_grad()
     def _capture_input(self, q_unit, ql: QuantLayer, x: torch.Tensor, quant: bool):
@@ -400,8 +404,13 @@ class Calibrator:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.iters, desc=label[:28], unit="it", leave=False, dynamic_ncols=True)
+        t_opt = time.perf_counter()
         try:
             for it in range(1, cfg.iters + 1):
+                if alphas:
+                    beta = beta_of(it)
+                    for ql in layers:
+                        ql.wq.beta.fill_(beta)
                 idx = torch.randint(0, n, (bs,), generator=self.gen)
                 xq = x_q[idx]
                 if cfg.qdrop:
@@ -424,8 +433,9 @@ class Calibrator:
                     pd_val = pd
                 round_val = 0.0
                 if alphas and cfg.round_loss and it >= cfg.warmup * cfg.iters:
-                    beta = beta_of(it)
-                    rl = cfg.round_weight * sum(ql.wq.round_loss(beta) for ql in layers)
+                    # the fused soft forward above already computed each layer's regulariser
+                    # with this iteration's beta
+                    rl = cfg.round_weight * sum(ql.wq.last_reg for ql in layers)
                     total = total + rl
                     round_val = rl
                 for o in opts:
@@ -450,6 +460,8 @@ class Calibrator:
         finally:
             if bar is not None:
                 bar.close()
+        rep.opt_seconds += time.perf_counter() - t_opt
+        rep.opt_iters += cfg.iters
         for ql in layers:
             if ql.wq.mode == "soft":
                 ql.wq.mode = "hard"

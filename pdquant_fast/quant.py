@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import ops
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 ZETA, GAMMA = 1.1, -0.1  # AdaRound rectified-sigmoid stretch (spec §7.2)
 
@@ -224,7 +226,11 @@ def init_qparams(
         flat = x.reshape(-1)
         stride = -(-flat.numel() // max_score_elems)
         sample = flat[::stride]
-    if side == "no":
+    if side == "no" and channel_wise:
+        # the 2-D search per channel as one op (C++/Triton/CUDA kernel where built)
+        xf = x.reshape(x.shape[0], -1).float().contiguous()
+        d, z = ops.mse_search_2d(xf, bits, 100)
+    elif side == "no":
         d, z = mse_search_2d(x, bits, channel_wise, score_on=sample)
     else:
         d, z = mse_search_1d(x, bits, channel_wise, side, score_on=sample)
@@ -245,6 +251,9 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("delta", torch.empty(0))
         self.register_buffer("zp", torch.empty(0))
         self.alpha: nn.Parameter | None = None
+        self.w_floor: torch.Tensor | None = None  # floor(W / delta), fixed once AdaRound starts
+        self.beta = torch.tensor(20.0)  # AdaRound regulariser exponent, set by the engine
+        self.last_reg: torch.Tensor | None = None  # regulariser of the last soft forward
         self.mode = "nearest"
         self.enabled = True
 
@@ -268,9 +277,10 @@ class WeightQuantizer(nn.Module):
     def init_adaround(self, w: torch.Tensor) -> None:
         """Install alpha so that ``h(alpha) = frac(W / delta)`` (spec §7.2 init) and go soft."""
         v = w / self.delta
-        frac = v - torch.floor(v)
+        self.w_floor = torch.floor(v).contiguous()
+        frac = v - self.w_floor
         alpha = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
-        self.alpha = nn.Parameter(alpha.clone())
+        self.alpha = nn.Parameter(alpha.contiguous())
         self.mode = "soft"
 
     def h(self) -> torch.Tensor:
@@ -278,23 +288,41 @@ class WeightQuantizer(nn.Module):
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def round_loss(self, beta: float) -> torch.Tensor:
-        """``sum(1 - |2 h - 1| ** beta)`` (AdaRound regulariser, before the lambda factor)."""
+        """``sum(1 - |2 h - 1| ** beta)`` (AdaRound regulariser, before the lambda factor).
+
+        Plain PyTorch (for inspection and tests); the engine uses :attr:`last_reg`, which the
+        fused ``adaround_soft`` op computes in the same pass as the soft weight.
+        """
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
+    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Quantized weight through the op contracts (``pdquant_fast.ops``), any backend.
+
+        ``nearest``: ``fake_quant_act`` per output channel (axis 0); ``soft``: the fused
+        ``adaround_soft`` (soft weight + regulariser, stored in :attr:`last_reg`, with exponent
+        :attr:`beta`); ``hard``: ``adaround_hard`` codes, dequantized.
+        """
         if not self.enabled:
             return w
-        n = self.n
+        delta = self._per_channel(self.delta)
+        zp = self._per_channel(self.zp)
         if self.mode == "nearest":
-            return fake_quant(w, self.delta, self.zp, self.bits)
-        w_floor = torch.floor(w / self.delta)
+            return ops.fake_quant_act(w.contiguous(), delta, zp, self.bits, 0, 1.0, None, None)
         if self.mode == "soft":
-            w_int = w_floor + self.h()
-        elif self.mode == "hard":
-            w_int = w_floor + (self.alpha >= 0).float()
-        else:
-            raise ValueError(f"unknown weight quantizer mode {self.mode!r}")
-        return (torch.clamp(w_int + self.zp, 0, n) - self.zp) * self.delta
+            w_floor = self.w_floor
+            if w_floor is None or w_floor.shape != w.shape:
+                w_floor = torch.floor(w / self.delta).contiguous()
+            beta = self.beta.to(device=w.device, dtype=torch.float32)
+            w_q, self.last_reg = ops.adaround_soft(w_floor, self.alpha, delta, zp, self.bits, beta)
+            return w_q
+        if self.mode == "hard":
+            w_floor = torch.floor(w / self.delta).contiguous()
+            codes = ops.adaround_hard(w_floor, self.alpha.detach().contiguous(), zp, self.bits)
+            return (codes.to(w.dtype) - self.zp) * self.delta
+        raise ValueError(f"unknown weight quantizer mode {self.mode!r}")
 
     @torch.no_grad()
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -360,11 +388,14 @@ class ActQuantizer(nn.Module):
             return x
         if not self.initialised:
             raise RuntimeError(f"activation quantizer {self.name} used before initialisation")
-        x_q = fake_quant(x, self.delta, self.zp, self.bits)
+        seed = None
         if self.keep_prob < 1.0:
-            u = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-            return torch.where(u < self.keep_prob, x_q, x)
-        return x_q
+            # A fresh QDrop mask every forward: the kernel hashes (seed, element index); the
+            # seed comes from the engine's CPU generator, so no device sync is involved.
+            seed = torch.randint(0, 2**62, (), generator=self.generator).to(x.device)
+        return ops.fake_quant_act(
+            x.contiguous(), self.delta, self.zp, self.bits, -1, self.keep_prob, seed, None
+        )
 
     def extra_repr(self) -> str:
         return (
