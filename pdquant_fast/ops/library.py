@@ -334,9 +334,11 @@ def _(x, bits, steps):
 # requantisation y = float(acc) * scale + bias (+ residual), activation, and either float32 y
 # (out_bits = 0) or uint8 codes clamp(round_half_even(y / out_scale) + out_zp, 0, 2^out_bits - 1).
 # The exact math is in reference.qconv2d_reference; backends: <op>_cpu (pdquant_fast._C),
-# <op>_triton (pdquant_fast.kernels), <op>_cuda. A backend may offer `<op>_prepack_<backend>(w)`
-# (not an op): the packed runtime calls it once at load time and passes its result in place of
-# ``w`` to that backend's own entry point; the op below always takes the plain int8/int16 ``w``.
+# <op>_triton (pdquant_fast.kernels), <op>_cuda. A backend may offer a weight prepack (not an op):
+# ``qconv2d_prepack_<backend>(w, groups) -> object`` / ``qlinear_prepack_<backend>(w) -> object``;
+# the packed runtime calls it once per device (pdquant_fast.deploy.runtime) and passes its result
+# in place of ``w`` to that backend's own entry point ``<op>_<backend>``, which must then accept
+# it; the ops below always take the plain int8/int16 ``w``.
 
 PACK_BITS = (2, 4, 8)
 QOUT_BITS = (0, 2, 3, 4, 5, 6, 7, 8)  # 0: float32 output
