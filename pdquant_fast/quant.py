@@ -252,7 +252,8 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zp", torch.empty(0))
         self.alpha: nn.Parameter | None = None
         self.w_floor: torch.Tensor | None = None  # floor(W / delta), fixed once AdaRound starts
-        self.beta = torch.tensor(20.0)  # AdaRound regulariser exponent, set by the engine
+        # AdaRound regulariser exponent, set by the engine (a buffer: it follows .to(device))
+        self.register_buffer("beta", torch.tensor(20.0), persistent=False)
         self.last_reg: torch.Tensor | None = None  # regulariser of the last soft forward
         self.mode = "nearest"
         self.enabled = True
@@ -315,8 +316,9 @@ class WeightQuantizer(nn.Module):
             w_floor = self.w_floor
             if w_floor is None or w_floor.shape != w.shape:
                 w_floor = torch.floor(w / self.delta).contiguous()
-            beta = self.beta.to(device=w.device, dtype=torch.float32)
-            w_q, self.last_reg = ops.adaround_soft(w_floor, self.alpha, delta, zp, self.bits, beta)
+            w_q, self.last_reg = ops.adaround_soft(
+                w_floor, self.alpha, delta, zp, self.bits, self.beta
+            )
             return w_q
         if self.mode == "hard":
             w_floor = torch.floor(w / self.delta).contiguous()
@@ -358,6 +360,10 @@ class ActQuantizer(nn.Module):
         self.observe = False  # collect inputs for init
         self.keep_prob = 1.0  # 1.0 = no QDrop
         self.generator: torch.Generator | None = None
+        # Optional device-resident int64 counter used as the QDrop seed (incremented in place
+        # every forward) instead of the CPU generator: no host->device copy, so a whole
+        # reconstruction step can be captured in a CUDA graph and replayed with fresh masks.
+        self.seed_counter: torch.Tensor | None = None
         self.signed = False
         self.max_score_elems: int | None = 1 << 16
 
@@ -391,8 +397,12 @@ class ActQuantizer(nn.Module):
         seed = None
         if self.keep_prob < 1.0:
             # A fresh QDrop mask every forward: the kernel hashes (seed, element index); the
-            # seed comes from the engine's CPU generator, so no device sync is involved.
-            seed = torch.randint(0, 2**62, (), generator=self.generator).to(x.device)
+            # seed comes from the engine's CPU generator (no device sync), or from a device
+            # counter (see seed_counter).
+            if self.seed_counter is not None:
+                seed = self.seed_counter.add_(1).clone()
+            else:
+                seed = torch.randint(0, 2**62, (), generator=self.generator).to(x.device)
         return ops.fake_quant_act(
             x.contiguous(), self.delta, self.zp, self.bits, -1, self.keep_prob, seed, None
         )
