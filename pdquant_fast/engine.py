@@ -22,6 +22,7 @@ recomputes them for every unit, spec §6.2 item 3).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -316,8 +317,22 @@ class Calibrator:
             y_c = batched(fp_unit, x_c)
         layers = unit_layers(q_unit)
         acts = unit_act_quantizers(q_unit)
-        tail = (lambda o: self.fp_exec.run_from(self.fp, k, o)) if cfg.pd_loss else None
+        tail = (lambda o: self.fp_exec.run_from(self._fp_tail(), k, o)) if cfg.pd_loss else None
         self._optimise(q_unit, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, f"{spec.name}")
+
+    def _fp_tail(self) -> fx.GraphModule:
+        """The FP model with every conv->BN pair folded (eval-mode BN is affine): the same
+        function, two fewer elementwise passes per BN in the PD tail's forward and backward.
+        Built once; DC and the cached FP activations keep using the unfolded ``self.fp``."""
+        if getattr(self, "_fp_folded", None) is None:
+            from torch.fx.experimental.optimization import fuse
+
+            folded = copy.deepcopy(self.fp)
+            for i in range(len(self.units)):
+                name = f"unit_{i}"
+                setattr(folded, name, fuse(folded.get_submodule(name), no_trace=True))
+            self._fp_folded = folded.requires_grad_(False)
+        return self._fp_folded
 
     def _reconstruct_layers(self, k, q_unit, x_q, x_c, rep: UnitReport) -> None:
         """Layer-wise (AdaRound) reconstruction of every layer of the unit, in order."""

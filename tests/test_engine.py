@@ -115,3 +115,18 @@ def test_end_to_end_pdquant_resnet20_accuracy_floor(resnet20, cifar):
     assert acc >= 26.0, acc
     assert acc >= rtn + 10.0, (acc, rtn)
     assert all(u.dc_bn_loss_after <= u.dc_bn_loss_before for u in rep.units[:-1])
+
+
+def test_pd_tail_with_folded_bn_is_the_same_function(resnet20, cifar):
+    """The PD loss's FP remainder runs on a BN-folded copy: same logits within fp32 rounding."""
+    x = cifar[0][:16]
+    cal = Calibrator(resnet20, x, make_config("pdquant", preset="resnet"), log=None, progress=False)
+    folded = cal._fp_tail()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        ref = cal.fp(x)
+        for k in (1, 5):
+            out_k = cal.fp.get_submodule(f"unit_{k}")(cal.fp_exec.run_between(cal.fp, -1, x, k))
+            got = cal.fp_exec.run_from(folded, k, out_k)  # the tail takes unit k's output
+            # fp32 re-association of conv*scale: a few ulp of the logit magnitude
+            assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
