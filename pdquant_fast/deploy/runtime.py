@@ -1,0 +1,442 @@
+"""The packed runtime: :class:`PackedModel`, a graph of packed conv/linear ops and float glue.
+
+It needs only ``torch`` and :mod:`pdquant_fast.ops` (no calibration code, no model definition):
+the network is rebuilt from the manifest's ``graph``, a list of nodes in execution order. Each
+node has a ``name`` and an ``op``; values are float32 tensors, uint8 activation codes of a named
+activation quantizer (``acts``), or small Python values (sizes):
+
+==============  =================================================================================
+op              meaning
+==============  =================================================================================
+input           the float32 image batch ``[N, C, H, W]``
+quantize        codes = clamp(round_half_even(x / delta) + zp, 0, 2^bits - 1)  (float -> uint8)
+dequantize      x = (float32(codes) - zp) * delta                              (uint8 -> float)
+layer_packed    ``ops.qconv2d`` / ``ops.qlinear`` on codes of ``in_act``: exact int32
+                accumulation, then y = float(acc) * (in_delta * w_delta[o]) + bias[o]
+                (+ ``residual``, float32), activation, then codes of ``out_act`` (or float32 y
+                when ``out_act`` is null)
+layer_float     F.conv2d / F.linear on float32 x with the dequantized weight
+                (code - w_zp) * w_delta and the float bias, activation, then optionally
+                ``quantize`` to ``out_act`` (the first layer on the image, the classifier on
+                pooled features: what the simulation runs in float runs in float here)
+glue            a whitelisted torch function (:data:`GLUE`) on its ``args``/``kwargs``; with
+                ``codes_act`` set it is applied to codes directly (slicing, zero padding with the
+                zero point, flatten/view, max-pool: all commute with dequantization)
+==============  =================================================================================
+
+Activation codes are uint8 ``[N, C, H, W]`` (contiguous NCHW) or ``[N, K]``. Weights are held
+unpacked at run time as int8 offsets ``code - w_zp[o]`` (int16 for 8-bit weights), the layout
+``qconv2d``/``qlinear`` take; a backend with a weight prepack (``<op>_prepack_<backend>``, see
+:mod:`pdquant_fast.ops.library`) gets it prepacked once per device.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops import backends
+from .format import DeployError, unpack_weight_codes
+
+#: Activation codes for the packed ops' ``act`` argument.
+PACKED_ACTS = {"none": 0, "relu": 1, "relu6": 2}
+
+
+def _relu6(x):
+    return F.hardtanh(x, 0.0, 6.0)  # what nn.ReLU6 runs
+
+
+FLOAT_ACTS = {
+    "none": lambda x: x,
+    "relu": F.relu,
+    "relu6": _relu6,
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+}
+
+
+def _identity(x, *args, **kwargs):
+    return x
+
+
+#: Float (or code-preserving) glue functions a manifest may name.
+GLUE = {
+    "getitem": operator.getitem,
+    "add": operator.add,
+    "mul": operator.mul,
+    "pad": F.pad,
+    "flatten": torch.flatten,
+    "view": torch.Tensor.view,
+    "reshape": torch.reshape,
+    "contiguous": torch.Tensor.contiguous,
+    "size": torch.Tensor.size,
+    "identity": _identity,
+    "relu": F.relu,
+    "relu6": _relu6,
+    "hardtanh": F.hardtanh,
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "hardswish": F.hardswish,
+    "adaptive_avg_pool2d": F.adaptive_avg_pool2d,
+    "avg_pool2d": F.avg_pool2d,
+    "max_pool2d": F.max_pool2d,
+    "mean": torch.mean,
+}
+
+#: Glue that may run on activation codes (commutes with a per-tensor affine dequantization whose
+#: step is positive; zero padding becomes padding with the zero point).
+CODE_GLUE = {
+    "getitem",
+    "pad",
+    "flatten",
+    "view",
+    "reshape",
+    "contiguous",
+    "identity",
+    "max_pool2d",
+    "size",
+}
+
+
+def _decode(v, env):
+    """Manifest argument -> Python value (node references looked up in ``env``)."""
+    if isinstance(v, list):
+        return [_decode(i, env) for i in v]
+    if isinstance(v, dict):
+        if "ref" in v:
+            return env[v["ref"]]
+        if "slice" in v:
+            return slice(*v["slice"])
+        if "tuple" in v:
+            return tuple(_decode(i, env) for i in v["tuple"])
+        if "ellipsis" in v:
+            return Ellipsis
+        raise DeployError(f"unknown argument encoding {v!r} in the manifest graph")
+    return v
+
+
+class ActParams(nn.Module):
+    """One per-tensor activation quantizer: ``delta``/``zp`` float32 0-d buffers, ``bits``."""
+
+    def __init__(self, bits: int, delta: float, zp: int):
+        super().__init__()
+        self.bits = bits
+        self.zp_int = int(zp)
+        self.delta_value = float(delta)
+        self.register_buffer("delta", torch.tensor(delta, dtype=torch.float32))
+        self.register_buffer("zp", torch.tensor(float(zp), dtype=torch.float32))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 -> uint8 codes, the simulation's ``clamp(round(x / delta) + zp, 0, n)``."""
+        n = (1 << self.bits) - 1
+        return torch.clamp(torch.round(x / self.delta) + self.zp, 0, n).to(torch.uint8)
+
+    def dequantize(self, c: torch.Tensor) -> torch.Tensor:
+        """uint8 codes -> float32 ``(c - zp) * delta`` (bit-identical to the simulation)."""
+        return (c.to(torch.float32) - self.zp) * self.delta
+
+
+def _merge_padding(pre_pad, padding) -> tuple[list[int] | None, list[int]]:
+    """Fold a static (left, right, top, bottom) zero pad into symmetric conv padding if it is
+    symmetric, else return it as an explicit pre-pad and conv padding 0."""
+    if not pre_pad:
+        return None, list(padding)
+    left, right, top, bottom = pre_pad
+    ph, pw = padding
+    if left == right and top == bottom:
+        return None, [ph + top, pw + left]
+    return [left + pw, right + pw, top + ph, bottom + ph], [0, 0]
+
+
+class PackedLayer(nn.Module):
+    """A conv/linear layer with fused requantisation on activation codes.
+
+    Buffers: ``w`` int8 (int16 for 8-bit weights) ``[O, C/g, kh, kw]`` or ``[O, K]`` holding
+    ``code - w_zp[o]``; ``scale = in_delta * w_delta`` and ``bias`` float32 ``[O]``.
+    """
+
+    def __init__(
+        self,
+        spec: dict,
+        codes: torch.Tensor,
+        w_zp,
+        w_delta,
+        bias,
+        in_act: ActParams,
+        node: dict,
+        out_act: ActParams | None,
+    ):
+        super().__init__()
+        self.name = node["layer"]
+        self.kind = spec["kind"]
+        off = codes.to(torch.int16) - w_zp.to(torch.int16).reshape((-1,) + (1,) * (codes.dim() - 1))
+        self.register_buffer("w", off.to(torch.int8) if spec["w_bits"] <= 7 else off)
+        self.register_buffer("scale", in_act.delta * w_delta)
+        self.register_buffer("bias", bias.clone())
+        self.x_zp = in_act.zp_int
+        self.act = PACKED_ACTS[node["act"]]
+        self.out_scale = out_act.delta_value if out_act is not None else 0.0
+        self.out_zp = out_act.zp_int if out_act is not None else 0
+        self.out_bits = out_act.bits if out_act is not None else 0
+        if self.kind == "conv2d":
+            self.pre_pad, self.padding = _merge_padding(spec["pre_pad"], spec["padding"])
+            self.stride = list(spec["stride"])
+            self.groups = int(spec["groups"])
+        self._prepacked: dict = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prepacked = {}  # device or dtype change: prepack again
+        return super()._apply(fn, *args, **kwargs)
+
+    def _backend_call(self, x: torch.Tensor):
+        """The chosen backend's entry point with a prepacked weight, if it offers a prepack."""
+        op = "qconv2d" if self.kind == "conv2d" else "qlinear"
+        name, fn = backends.choose(op, x.device.type)
+        key = (name, str(x.device))
+        if key not in self._prepacked:
+            mod = None
+            if name in ("cpp", "cuda"):
+                mod = backends._extension()[0]
+            elif name == "triton":
+                mod = backends._triton_kernels()[0]
+            suffix = {"cpp": "cpu"}.get(name, name)
+            prepack = getattr(mod, f"{op}_prepack_{suffix}", None) if mod is not None else None
+            if prepack is None:
+                self._prepacked[key] = None
+            elif self.kind == "conv2d":
+                self._prepacked[key] = (fn, prepack(self.w, self.groups))
+            else:
+                self._prepacked[key] = (fn, prepack(self.w))
+        return self._prepacked[key]
+
+    def acc(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 of the int32 accumulator for input codes ``x``, through the op that runs this
+        layer (scale 1, bias 0, no activation, float output; exact while ``|acc| < 2**24``)."""
+        o = self.w.shape[0]
+        keep = (self.scale, self.bias, self.act, self.out_bits)
+        self.scale = torch.ones(o, device=x.device)
+        self.bias = torch.zeros(o, device=x.device)
+        self.act, self.out_bits = 0, 0
+        try:
+            return self.forward(x, None)
+        finally:
+            self.scale, self.bias, self.act, self.out_bits = keep
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        pre = self._backend_call(x)
+        if self.kind == "conv2d":
+            if self.pre_pad is not None:
+                x = F.pad(x, self.pre_pad, value=self.x_zp)
+            x = x.contiguous()
+            if pre is not None:
+                fn, wp = pre
+                return fn(
+                    x,
+                    self.x_zp,
+                    wp,
+                    self.scale,
+                    self.bias,
+                    self.stride,
+                    self.padding,
+                    self.groups,
+                    self.act,
+                    residual,
+                    self.out_scale,
+                    self.out_zp,
+                    self.out_bits,
+                )
+            return ops.qconv2d(
+                x,
+                self.x_zp,
+                self.w,
+                self.scale,
+                self.bias,
+                self.stride,
+                self.padding,
+                self.groups,
+                self.act,
+                residual,
+                self.out_scale,
+                self.out_zp,
+                self.out_bits,
+            )
+        x = x.contiguous()
+        if pre is not None:
+            fn, wp = pre
+            return fn(
+                x,
+                self.x_zp,
+                wp,
+                self.scale,
+                self.bias,
+                self.act,
+                residual,
+                self.out_scale,
+                self.out_zp,
+                self.out_bits,
+            )
+        return ops.qlinear(
+            x,
+            self.x_zp,
+            self.w,
+            self.scale,
+            self.bias,
+            self.act,
+            residual,
+            self.out_scale,
+            self.out_zp,
+            self.out_bits,
+        )
+
+
+class FloatLayer(nn.Module):
+    """A conv/linear layer run in float32 with its dequantized weight (first/last layers).
+
+    Buffers: ``weight`` float32 ``(code - w_zp) * w_delta`` (the simulation's weight, bit for
+    bit) and ``bias`` float32 ``[O]``.
+    """
+
+    def __init__(self, spec: dict, codes: torch.Tensor, w_zp, w_delta, bias, node: dict):
+        super().__init__()
+        self.name = node["layer"]
+        self.kind = spec["kind"]
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        w = (codes.to(torch.float32) - w_zp.to(torch.float32).reshape(shape)) * w_delta.reshape(
+            shape
+        )
+        self.register_buffer("weight", w)
+        self.register_buffer("bias", bias.clone())
+        self.act = FLOAT_ACTS[node["act"]]
+        if self.kind == "conv2d":
+            self.pre_pad = spec["pre_pad"]
+            self.padding = list(spec["padding"])
+            self.stride = list(spec["stride"])
+            self.groups = int(spec["groups"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv2d":
+            if self.pre_pad:
+                x = F.pad(x, self.pre_pad)
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return self.act(y)
+
+
+def _safe(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class PackedModel(nn.Module):
+    """The packed network: float32 images ``[N, C, H, W]`` -> float32 logits ``[N, classes]``.
+
+    Build it with :func:`pdquant_fast.deploy.load_packed` (which verifies the files) or from an
+    already verified manifest and tensor dict. Runs on any device the ops support
+    (``.to("cuda")``); the kernel is chosen per call by :mod:`pdquant_fast.ops.backends`.
+    """
+
+    def __init__(self, manifest: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.manifest = manifest
+        self.graph_nodes = manifest["graph"]
+        self.output_name = manifest["output"]
+        self.acts = nn.ModuleDict(
+            {
+                _safe(k): ActParams(v["bits"], v["delta"], v["zp"])
+                for k, v in manifest["acts"].items()
+            }
+        )
+        self.layers = nn.ModuleDict()
+        for node in self.graph_nodes:
+            if node["op"] not in ("layer_packed", "layer_float"):
+                continue
+            lname = node["layer"]
+            spec = manifest["layers"][lname]
+            t = spec["tensors"]
+            codes = unpack_weight_codes(
+                tensors[t["weight"]], spec["storage_bits"], spec["weight_shape"]
+            )
+            args = (spec, codes, tensors[t["w_zp"]], tensors[t["w_delta"]], tensors[t["bias"]])
+            if node["op"] == "layer_packed":
+                out = self._act(node["out_act"]) if node["out_act"] else None
+                mod = PackedLayer(*args, self._act(node["in_act"]), node, out)
+            else:
+                mod = FloatLayer(*args, node)
+            self.layers[_safe(lname)] = mod
+
+    def _act(self, name: str) -> ActParams:
+        return self.acts[_safe(name)]
+
+    def packed_layers(self) -> list[PackedLayer]:
+        return [m for m in self.layers.values() if isinstance(m, PackedLayer)]
+
+    def forward(
+        self, x: torch.Tensor, capture: dict | None = None, teacher: dict | None = None
+    ) -> torch.Tensor:
+        """Logits float32 ``[N, classes]`` for float32 images ``x`` ``[N, C, H, W]``.
+
+        Parity tools (both optional): ``capture`` (a dict) receives, per packed layer name,
+        ``{"x": input codes, "residual": float32 or None, "out": output}`` and ``capture["codes"]``
+        each quantizer's codes (before any teacher replacement); ``teacher`` maps
+        activation-quantizer names to uint8 codes that replace this model's own codes for that
+        quantizer after they are computed (``capture["flips"][name]`` then counts the elements
+        where they differed), so that each layer can be compared on the reference's inputs.
+        """
+        env: dict = {}
+        for node in self.graph_nodes:
+            op = node["op"]
+            out_act = None
+            if op == "input":
+                val = x
+            elif op == "quantize":
+                val = self._act(node["act"]).quantize(env[node["input"]])
+                out_act = node["act"]
+            elif op == "dequantize":
+                val = self._act(node["act"]).dequantize(env[node["input"]])
+            elif op == "layer_packed":
+                xin = env[node["input"]]
+                res = env[node["residual"]] if node["residual"] else None
+                val = self.layers[_safe(node["layer"])](xin, res)
+                out_act = node["out_act"]
+                if capture is not None:
+                    capture[node["layer"]] = {"x": xin, "residual": res, "out": val}
+            elif op == "layer_float":
+                val = self.layers[_safe(node["layer"])](env[node["input"]])
+                if node["out_act"]:
+                    val = self._act(node["out_act"]).quantize(val)
+                    out_act = node["out_act"]
+            elif op == "glue":
+                val = self._glue(node, env)
+            else:
+                raise DeployError(f"unknown graph op {op!r} in node {node['name']!r}")
+            if capture is not None and out_act:
+                capture.setdefault("codes", {})[out_act] = val
+            if teacher is not None and out_act in teacher:
+                ref = teacher[out_act]
+                if capture is not None:
+                    capture.setdefault("flips", {})[out_act] = int((ref != val).sum())
+                val = ref
+            env[node["name"]] = val
+        return env[self.output_name]
+
+    def _glue(self, node: dict, env: dict):
+        fn = GLUE[node["fn"]]
+        args = _decode(node["args"], env)
+        kwargs = {k: _decode(v, env) for k, v in node["kwargs"].items()}
+        code_act = node.get("codes_act")
+        if code_act is None:
+            return fn(*args, **kwargs)
+        if node["fn"] == "pad":  # zero padding in value space = the zero point in code space
+            kwargs = dict(kwargs, value=self._act(code_act).zp_int)
+            return fn(*args, **kwargs)
+        if node["fn"] == "max_pool2d":  # max commutes with the increasing dequantization
+            return fn(args[0].to(torch.float32), *args[1:], **kwargs).to(torch.uint8)
+        return fn(*args, **kwargs)
+
+
+def glue_names() -> list[str]:
+    return sorted(GLUE)
