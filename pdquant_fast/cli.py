@@ -95,10 +95,16 @@ def cmd_calibrate(args) -> int:
     from .info import collect_info
     from .models.registry import build_model
 
+    resume = _apply_resume(args)
+    if args.model is None or args.out is None:
+        raise CliError("calibrate needs --model and --out (or --resume DIR to continue a run)")
+    _check_run_options(args)
     out = _prepare_out(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, info = build_model(args.model, args.weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a random initialisation (no --weights) is the same every run
+        model, info = build_model(args.model, args.weights)
     _default_sources(info.name, args)
     overrides = _parse_set(args.set)
     for key in ("iters", "seed", "dc_iters", "batch_size"):
@@ -131,8 +137,22 @@ def cmd_calibrate(args) -> int:
         if not es.has_labels:
             raise CliError(f"evaluation data {spec} has no labels")
         evals.append((spec, es))
+    cal = Calibrator(
+        model,
+        x,
+        cfg,
+        progress=not args.no_progress,
+        checkpoint_dir=out / CHECKPOINT_SUBDIR,
+        resume=resume,
+        cache=args.cache,
+        cache_dir=out,
+    )
+    del x  # the calibrator holds the images (a disk cache can then drop them from memory)
+    if not resume:
+        _start_fresh(out, args)
     t0 = time.perf_counter()
-    q, report = Calibrator(model, x, cfg, progress=not args.no_progress).run()
+    q, report = cal.run()
+    del cal
     calib_seconds = time.perf_counter() - t0
     save_quant_state(q, out / "quant_state.pt")
     results = {}
@@ -183,12 +203,81 @@ def cmd_calibrate(args) -> int:
         "units": [u.__dict__ for u in report.units],
         "versions": collect_info(),
         "threads": torch.get_num_threads(),
+        "cache_mode": report.cache_mode,
+        "resumed": resume,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_json(out / "predictions.json", preds)
     atomic_write_json(out / "result.json", result)
     print(f"calibration took {calib_seconds:.1f}s; wrote {out / 'result.json'}", flush=True)
     return 0
+
+
+CHECKPOINT_SUBDIR = "checkpoint"
+ARGS_FILE = "args.json"
+#: Outputs of a finished run; a fresh run into the same folder removes them before it starts,
+#: so that an interrupted or failed run never leaves a complete-looking result behind.
+RESULT_FILES = ("result.json", "quant_state.pt", "predictions.json")
+
+
+def _check_run_options(args) -> None:
+    from .cache import CACHE_MODES
+
+    if args.cache not in CACHE_MODES:
+        raise CliError(
+            f"--cache {args.cache!r} is not a cache mode: choose one of {list(CACHE_MODES)}"
+        )
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be a positive integer, got {args.threads}")
+
+
+def _apply_resume(args) -> bool:
+    """``--resume DIR``: take the interrupted run's arguments from ``DIR/checkpoint/args.json``.
+
+    Options given explicitly on this command line override the saved ones (a change that
+    alters the calibration is then refused by the checkpoint's fingerprint check). Returns
+    whether a checkpoint exists to continue from (False: the run died before its first
+    checkpoint, so it starts from the beginning with the saved arguments).
+    """
+    if not args.resume:
+        return False
+    folder = Path(args.resume)
+    saved_path = folder / CHECKPOINT_SUBDIR / ARGS_FILE
+    try:
+        saved = json.loads(saved_path.read_text())
+    except FileNotFoundError as exc:
+        raise CliError(
+            f"--resume {folder}: {saved_path} is missing; --resume takes the --out folder of an "
+            "interrupted pdquant calibrate run"
+        ) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CliError(f"--resume {folder}: cannot read {saved_path}: {exc}") from exc
+    explicit = getattr(args, "explicit", set())
+    if "out" in explicit and Path(args.out).resolve() != folder.resolve():
+        raise CliError(
+            f"--out {args.out} differs from --resume {folder}; a resumed run writes into the "
+            "folder it resumes (leave --out out)"
+        )
+    for key, value in saved.items():
+        if key not in explicit and hasattr(args, key) and key not in ("resume", "explicit"):
+            setattr(args, key, value)
+    args.out = str(folder)
+    if not (folder / CHECKPOINT_SUBDIR / "manifest.json").is_file():
+        print(f"{folder}: no checkpoint was written yet; starting from the beginning", flush=True)
+        return False
+    return True
+
+
+def _start_fresh(out: Path, args) -> None:
+    """Remove a previous run's outputs and record this run's arguments (for ``--resume``)."""
+    from .api import atomic_write_json
+
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    ck = out / CHECKPOINT_SUBDIR
+    ck.mkdir(exist_ok=True)
+    saved = {k: v for k, v in vars(args).items() if k not in ("func", "explicit", "resume")}
+    atomic_write_json(ck / ARGS_FILE, saved)
 
 
 def cmd_eval(args) -> int:
@@ -270,7 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field")
     c.add_argument("--threads", type=int)
     c.add_argument("--no-progress", action="store_true")
-    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--out", help="output folder (required; checkpoints go to OUT/checkpoint)")
+    c.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the interrupted run whose --out was DIR from its last finished unit "
+        "(same arguments; options given here override, but must not change the calibration)",
+    )
+    c.add_argument(
+        "--cache",
+        default="auto",
+        help="where unit inputs/targets live: auto (from free memory) | device | host | disk",
+    )
     c.set_defaults(func=cmd_calibrate)
     e = sub.add_parser("eval", help="evaluate a calibrated run folder on labelled images")
     e.add_argument("run", help="folder written by pdquant calibrate")
@@ -284,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
     i = sub.add_parser("info", help="versions, CPU features, available kernels")
     i.set_defaults(func=lambda a: _info())
+    from .deploy.commands import add_commands as add_deploy_commands
+
+    add_deploy_commands(sub)  # export, bench-latency
     return p
 
 
@@ -293,8 +396,22 @@ def _info() -> int:
     return info_main([]) or 0
 
 
+def _explicit_options(argv: list[str] | None) -> set[str]:
+    """Destinations of the options given on the command line (defaults suppressed)."""
+    p = build_parser()
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for a in sub._actions:
+                    a.default = argparse.SUPPRESS
+    ns = p.parse_args(argv)
+    return set(vars(ns)) - {"cmd", "func"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd == "calibrate" and args.resume:
+        args.explicit = _explicit_options(argv)
     from .data import DataError
     from .graph import GraphError
     from .models.cifar_resnet import WeightsError

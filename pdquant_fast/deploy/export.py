@@ -140,6 +140,13 @@ def _module_glue(mod: nn.Module, node: fx.Node) -> tuple[str, list, dict]:
     )
 
 
+def _is_identity(mod: nn.Module) -> bool:
+    """True when ``mod`` returns its input object unchanged (an Identity of any package)."""
+    probe = torch.zeros(1, 1, 2, 2)
+    with torch.no_grad():
+        return mod(probe) is probe
+
+
 def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
@@ -270,7 +277,7 @@ class _Flattener:
             sp = getattr(layer, "static_padding", None)
             if isinstance(sp, nn.ZeroPad2d):
                 pre_pad = [int(p) for p in sp.padding]
-            elif not isinstance(sp, nn.Identity):
+            elif not (isinstance(sp, nn.Module) and _is_identity(sp)):
                 raise DeployError(
                     f"layer {name}: conv subclass {type(layer).__name__} has a custom forward "
                     "the packed runtime cannot reproduce (supported: nn.Conv2d, and subclasses "

@@ -1,0 +1,169 @@
+"""Latency of a packed model against FP32 PyTorch and PyTorch int8 (torch.ao, x86/FBGEMM).
+
+All three run on the same architecture, the same input shape and the same thread count, timed
+in one process moments apart (median and 10th/90th percentiles over ``repeat`` calls after
+``warmup``); speed-ups are ratios of medians against the FP32 row of the same batch. The FP32
+network is rebuilt from the manifest's model name (weights do not change latency: random ones
+are used where no packaged weights exist); the int8 baseline is that network through
+``torch.ao.quantization.quantize_fx`` with the ``x86`` qconfig (FBGEMM kernels), calibrated on
+the same random inputs. Before timing, the packed model's output on the chosen kernel backend is
+checked against the reference backend (``validated``: identical logits).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import ops
+from .format import DeployError
+from .load import load_packed
+
+
+def _time(fn: Callable[[torch.Tensor], object], x: torch.Tensor, warmup: int, repeat: int) -> dict:
+    """Seconds of ``fn(x)`` (CUDA: synchronised): median and 10th/90th percentiles, in ms."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(warmup):
+        fn(x)
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+
+    def pct(q):
+        k = (len(times) - 1) * q
+        lo, hi = int(k), min(int(k) + 1, len(times) - 1)
+        return times[lo] + (times[hi] - times[lo]) * (k - lo)
+
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "p10_ms": pct(0.1) * 1e3,
+        "p90_ms": pct(0.9) * 1e3,
+        "n": len(times),
+    }
+
+
+def fp32_model(manifest: dict) -> nn.Module | None:
+    """The FP32 network named in ``manifest["model"]["name"]``, or None if it cannot be built."""
+    name = manifest.get("model", {}).get("name")
+    if not name:
+        return None
+    if name.startswith("torchvision:"):
+        try:
+            import torchvision.models as tvm
+        except Exception:
+            return None
+        return getattr(tvm, name.split(":", 1)[1])().eval()
+    from ..models.registry import build_model
+
+    try:
+        return build_model(name, None)[0].eval()
+    except Exception:
+        return None
+
+
+def int8_ao_model(fp: nn.Module, example: torch.Tensor) -> tuple[nn.Module | None, str]:
+    """``(torch.ao int8 model, "")`` or ``(None, why not)`` (x86 qconfig, FBGEMM kernels)."""
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    except ImportError as exc:
+        return None, f"torch.ao.quantization unavailable ({exc})"
+    try:
+        torch.backends.quantized.engine = "x86"
+        qmap = get_default_qconfig_mapping("x86")
+        prepared = prepare_fx(copy.deepcopy(fp), qmap, example_inputs=(example[:1],))
+        with torch.no_grad():
+            prepared(example)
+        return convert_fx(prepared).eval(), ""
+    except Exception as exc:  # tracing or an unsupported op: report instead of failing
+        return None, f"torch.ao int8 conversion failed ({type(exc).__name__}: {exc})"
+
+
+@torch.no_grad()
+def bench_latency(
+    packed_dir,
+    batches=(1, 32, 256),
+    threads: int | None = None,
+    warmup: int = 2,
+    repeat: int = 10,
+    device: str = "cpu",
+    baselines: bool = True,
+    fp_model: nn.Module | None = None,
+    log: Callable[[str], None] | None = print,
+) -> list[dict]:
+    """One row per (batch, implementation): median/p10/p90 ms, images/s, speed-up vs FP32.
+
+    ``fp_model``: the FP32 network to compare with (default: rebuilt from the manifest)."""
+    log = log or (lambda s: None)
+    if threads:
+        torch.set_num_threads(threads)
+    pm = load_packed(packed_dir, device=device)
+    m = pm.manifest
+    shape = m.get("model", {}).get("input_size")
+    if not shape:
+        raise DeployError(f"{packed_dir}: the manifest records no model.input_size")
+    gen = torch.Generator().manual_seed(0)
+    backend = ops.choose("qconv2d", device)[0]
+    fp = (fp_model if fp_model is not None else fp32_model(m)) if baselines else None
+    q8, why = None, "no FP32 model"
+    if fp is not None:
+        fp = fp.to(device).eval()
+        if device == "cpu":
+            q8, why = int8_ao_model(fp, torch.randn(8, *shape, generator=gen))
+    rows: list[dict] = []
+    name = m.get("model", {}).get("name", "?")
+    bits = f"W{m.get('source', {}).get('w_bits', '?')}A{m.get('source', {}).get('a_bits', '?')}"
+    for b in batches:
+        x = torch.randn(b, *shape, generator=gen).to(device)
+        validated = None
+        if backend != "reference":
+            ops.force("reference")
+            try:
+                ref = pm(x[:2])
+            finally:
+                ops.force(None)
+            validated = bool(torch.equal(pm(x[:2]), ref))
+        common = {
+            "model": name,
+            "bits": bits,
+            "batch": b,
+            "threads": torch.get_num_threads(),
+            "device": device,
+        }
+        t = _time(pm, x, warmup, repeat)
+        rows.append({**common, "impl": "packed", "backend": backend, "validated": validated, **t})
+        log(f"batch {b}: packed ({backend}) {t['median_ms']:.2f} ms")
+        if fp is not None:
+            t = _time(fp, x, warmup, repeat)
+            rows.append({**common, "impl": "fp32", "backend": "torch", "validated": None, **t})
+            log(f"batch {b}: fp32 {t['median_ms']:.2f} ms")
+            if device == "cpu":
+                if q8 is not None:
+                    t = _time(q8, x, warmup, repeat)
+                    rows.append(
+                        {
+                            **common,
+                            "impl": "int8_ao",
+                            "backend": "x86/fbgemm",
+                            "validated": None,
+                            **t,
+                        }
+                    )
+                    log(f"batch {b}: int8 torch.ao {t['median_ms']:.2f} ms")
+                else:
+                    log(f"batch {b}: int8 torch.ao skipped: {why}")
+    for r in rows:
+        r["images_per_s"] = r["batch"] / (r["median_ms"] / 1e3)
+        base = next((o for o in rows if o["batch"] == r["batch"] and o["impl"] == "fp32"), None)
+        r["speedup_vs_fp32"] = base["median_ms"] / r["median_ms"] if base else None
+    return rows

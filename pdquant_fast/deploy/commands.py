@@ -1,0 +1,86 @@
+"""``pdquant export`` and ``pdquant bench-latency`` (registered by :mod:`pdquant_fast.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    """Add the deployment sub-commands to the ``pdquant`` argument parser."""
+    e = sub.add_parser("export", help="write a calibrated run as a packed 2/4-bit model")
+    e.add_argument("run", help="folder written by pdquant calibrate")
+    e.add_argument("--out", required=True, help="output folder (manifest.json + safetensors)")
+    e.set_defaults(func=cmd_export)
+    b = sub.add_parser("bench-latency", help="packed model vs FP32 vs torch.ao int8 latency")
+    b.add_argument("packed", help="folder written by pdquant export")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
+    b.add_argument("--threads", type=int)
+    b.add_argument("--repeat", type=int, default=10, help="timed calls per row (median)")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--no-baselines", action="store_true", help="time the packed model only")
+    b.add_argument("--out", help="results folder (default benchmarks/results/)")
+    b.set_defaults(func=cmd_bench_latency)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_packed
+
+    m = export_packed(Path(args.run), Path(args.out))
+    s = m["sizes"]
+    n_packed = sum(1 for n in m["graph"] if n["op"] == "layer_packed")
+    n_float = sum(1 for n in m["graph"] if n["op"] == "layer_float")
+    print(
+        f"wrote {args.out}: {m['model'].get('name')} {n_packed} packed + {n_float} float layers; "
+        f"{s['packed_bytes']:,} bytes packed vs {s['fp32_state_dict_bytes']:,} bytes FP32 "
+        f"state_dict ({s['ratio']:.2f}x smaller)"
+    )
+    return 0
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from .bench import bench_latency
+    from .format import DeployError
+
+    for b in args.batch:
+        if b < 1:
+            raise DeployError(f"--batch values must be positive, got {b}")
+    if args.threads is not None and args.threads < 1:
+        raise DeployError(f"--threads must be positive, got {args.threads}")
+    if args.device not in ("cpu", "cuda"):
+        raise DeployError(f"--device must be cpu or cuda, got {args.device!r}")
+    rows = bench_latency(
+        args.packed,
+        batches=tuple(args.batch),
+        threads=args.threads,
+        warmup=args.warmup,
+        repeat=args.repeat,
+        device=args.device,
+        baselines=not args.no_baselines,
+    )
+    try:
+        from benchmarks.common import record
+    except ImportError:
+        record = None
+    cols = [
+        "model",
+        "bits",
+        "batch",
+        "threads",
+        "impl",
+        "backend",
+        "validated",
+        "median_ms",
+        "p10_ms",
+        "p90_ms",
+        "images_per_s",
+        "speedup_vs_fp32",
+    ]
+    if record is not None:
+        record("packed_latency", rows, device=args.device, out_dir=args.out, columns=cols)
+    else:  # installed without the repository's benchmarks/ folder: print only
+        for r in rows:
+            print({c: r.get(c) for c in cols})
+        print("benchmarks.common not importable (run from the repository root to record rows)")
+    return 0
