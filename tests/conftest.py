@@ -5,6 +5,14 @@ from pathlib import Path
 
 import pytest
 
+# Triton kernels run under the interpreter (numpy, on CPU) where no CUDA device is present. Set
+# before any test module imports a kernel: triton.jit picks interpreter or compiler at decoration.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():  # does not initialise torch's CUDA state
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~10 s on a 2-core CPU")
