@@ -47,6 +47,8 @@ class LayerParity:
 class ParityReport:
     layers: list[LayerParity] = field(default_factory=list)
     n_images: int = 0
+    n_layer_images: int = 0
+    teacher_logits_equal: bool = False
     logits_max_abs_diff: float = 0.0
     logits_max_abs: float = 0.0
     top1_agree: int = 0
@@ -64,6 +66,8 @@ class ParityReport:
     def summary(self) -> dict:
         return {
             "images": self.n_images,
+            "layer_images": self.n_layer_images,
+            "teacher_forced_logits_equal": self.teacher_logits_equal,
             "packed_layers": len(self.layers),
             "acc_all_equal": self.acc_all_equal,
             "acc_max_int_dist": max((la.acc_max_int_dist for la in self.layers), default=0.0),
@@ -104,11 +108,17 @@ def _sim_capture(q: nn.Module, x: torch.Tensor) -> tuple[dict, dict, torch.Tenso
 
 
 @torch.no_grad()
-def compare(q: nn.Module, packed: PackedModel, x: torch.Tensor) -> ParityReport:
-    """Parity report of ``packed`` against the simulation ``q`` on float32 images ``x``."""
+def compare(
+    q: nn.Module, packed: PackedModel, x: torch.Tensor, layer_images: int | None = None
+) -> ParityReport:
+    """Parity report of ``packed`` against the simulation ``q`` on float32 images ``x``
+    ``[N, C, H, W]``: per-layer checks (1, 2) on the first ``layer_images`` images (all if
+    None), end to end (3) on all of them."""
     from ..qmodel import QuantLayer
 
     qlayers = {m.name: m for m in q.modules() if isinstance(m, QuantLayer)}
+    x_end = x
+    x = x if layer_images is None else x[:layer_images]
     layer_in, act_out, sim_logits = _sim_capture(q, x)
     acts = packed.manifest["acts"]
     teacher = {}
@@ -120,11 +130,13 @@ def compare(q: nn.Module, packed: PackedModel, x: torch.Tensor) -> ParityReport:
         if not torch.equal(a.dequantize(codes), act_out[name]):
             raise AssertionError(f"simulation output of {name} is not on its grid")
         teacher[name] = codes
-    rep = ParityReport(n_images=int(x.shape[0]))
+    rep = ParityReport(n_images=int(x_end.shape[0]), n_layer_images=int(x.shape[0]))
 
     # 2. teacher-forced run: per-layer inputs are the simulation's codes
     cap: dict = {}
-    packed(x, capture=cap, teacher=teacher)
+    rep.teacher_logits_equal = bool(
+        torch.equal(packed(x, capture=cap, teacher=teacher), sim_logits)
+    )
     nodes = {n["layer"]: n for n in packed.graph_nodes if n["op"] == "layer_packed"}
     for lname, node in nodes.items():
         pl: PackedLayer = packed.layers[_safe(lname)]
@@ -172,8 +184,11 @@ def compare(q: nn.Module, packed: PackedModel, x: torch.Tensor) -> ParityReport:
         rep.layers.append(LayerParity(lname, acc_equal, dist, int(bound), out.numel(), flips, tie))
 
     # 3. free running
-    cap_free: dict = {}
-    logits = packed(x, capture=cap_free)
+    if x_end is not x:
+        del layer_in, act_out
+        sim_logits = q(x_end)
+    cap_free: dict | None = {} if x_end is x else None  # per-layer captures cost memory
+    logits = packed(x_end, capture=cap_free)
     rep.logits_max_abs_diff = float((logits - sim_logits).abs().max())
     rep.logits_max_abs = float(sim_logits.abs().max())
     p_top, s_top = logits.argmax(1), sim_logits.argmax(1)
@@ -189,7 +204,7 @@ def compare(q: nn.Module, packed: PackedModel, x: torch.Tensor) -> ParityReport:
                 "packed_margin": float(logits[i, s_top[i]] - logits[i, p_top[i]]),
             }
         )
-    for name, codes in cap_free.get("codes", {}).items():
+    for name, codes in (cap_free or {}).get("codes", {}).items():
         if name in teacher:
             rep.free_running_flips[name] = int((codes != teacher[name]).sum())
     return rep
