@@ -28,17 +28,32 @@ def collect_images(calib, limit: int | None = None) -> torch.Tensor:
     """
     if isinstance(calib, torch.Tensor):
         x = calib
+    elif hasattr(calib, "__getitem__") and hasattr(calib, "__len__"):
+        # filled in place: the images never exist twice in memory
+        n = len(calib) if limit is None else min(limit, len(calib))
+        if n == 0:
+            raise ValueError("the calibration data is empty")
+        x = None
+        for i in range(n):
+            it = calib[i]
+            img = it[0] if isinstance(it, (tuple, list)) else it
+            if not isinstance(img, torch.Tensor):
+                raise ValueError(
+                    f"calibration item {i} is a {type(img).__name__}, not an image tensor"
+                )
+            if x is None:
+                x = torch.empty((n, *img.shape), dtype=img.dtype)
+            elif img.shape != x.shape[1:]:
+                raise ValueError(
+                    f"calibration image {i} has shape {tuple(img.shape)} but image 0 has "
+                    f"{tuple(x.shape[1:])}; all images must have one shape"
+                )
+            x[i] = img
     else:
         items = []
-        if hasattr(calib, "__getitem__") and hasattr(calib, "__len__"):
-            n = len(calib) if limit is None else min(limit, len(calib))
-            for i in range(n):
-                it = calib[i]
-                items.append((it[0] if isinstance(it, (tuple, list)) else it)[None])
-        else:
-            for batch in calib:
-                b = batch[0] if isinstance(batch, (tuple, list)) else batch
-                items.append(b if b.dim() == 4 else b[None])
+        for batch in calib:
+            b = batch[0] if isinstance(batch, (tuple, list)) else batch
+            items.append(b if b.dim() == 4 else b[None])
         if not items:
             raise ValueError("the calibration data is empty")
         x = torch.cat(items)
@@ -62,6 +77,10 @@ def quantize(
     preset: str | None = None,
     log: Callable[[str], None] | None = print,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    cache: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
     **overrides,
 ) -> tuple[fx.GraphModule, CalibReport]:
     """Calibrate ``model`` with ``method`` and return ``(quantized_model, report)``.
@@ -73,6 +92,16 @@ def quantize(
         method: ``rtn`` | ``adaround`` | ``brecq`` | ``qdrop`` | ``pdquant``.
         w_bits, a_bits: 2, 3, 4 or 8.
         preset: ``resnet`` | ``regnet`` | ``mobilenet`` | ``mnasnet`` hyper-parameters (spec §4).
+        checkpoint_dir: write a checkpoint into this folder after weight initialisation and
+            after every reconstruction unit (atomic; see :mod:`pdquant_fast.checkpoint`).
+        resume: a ``checkpoint_dir`` of an interrupted call with the same model, images and
+            settings: continue from its last finished unit (and keep checkpointing there). The
+            result is bit-identical (CPU) to an uninterrupted run; a folder from a different
+            calibration raises :class:`~pdquant_fast.checkpoint.CheckpointError` naming the
+            differing keys.
+        cache: where per-unit inputs and targets live: ``auto`` (from free memory), ``device``,
+            ``host`` or ``disk`` (see :mod:`pdquant_fast.cache`); ``cache_dir``: scratch
+            folder for ``disk``.
         **overrides: any :class:`~pdquant_fast.config.CalibConfig` field (``iters``, ``seed``,
             ``temperature``, ``pd_loss``, ``dist_correction``, ...).
 
@@ -80,8 +109,25 @@ def quantize(
     activations (weights: hard AdaRound rounding; activations: learned steps, no QDrop).
     """
     cfg = make_config(method, preset=preset, w_bits=w_bits, a_bits=a_bits, **overrides)
-    x = collect_images(calib)
-    return Calibrator(model, x, cfg, log=log, progress=progress).run()
+    if resume is not None:
+        if checkpoint_dir is not None and Path(checkpoint_dir) != Path(resume):
+            raise ValueError(
+                f"resume={str(resume)!r} and checkpoint_dir={str(checkpoint_dir)!r} differ; "
+                "a resumed run keeps checkpointing into the folder it resumes from"
+            )
+        checkpoint_dir = resume
+    cal = Calibrator(
+        model,
+        collect_images(calib),  # not kept here, so that a disk cache can drop it
+        cfg,
+        log=log,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume is not None,
+        cache=cache,
+        cache_dir=cache_dir,
+    )
+    return cal.run()
 
 
 def build_quantized_skeleton(model: nn.Module, cfg: CalibConfig) -> fx.GraphModule:

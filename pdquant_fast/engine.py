@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
+from .cache import UnitCache, batched_into, check_cache_mode, choose_mode, estimate_peak_bytes
+from .checkpoint import Checkpointer, fingerprint
 from .config import CalibConfig
 from .graph import UnitExecutor, UnitSpec, build_unit_model
 from .qmodel import (
@@ -65,6 +67,7 @@ class CalibReport:
     units: list[UnitReport]
     calib_seconds: float
     num_calib: int
+    cache_mode: str = "device"  # where unit inputs/targets were kept (see pdquant_fast.cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,13 +102,14 @@ def bn_stat_loss_per_sample(acts: list[torch.Tensor], bns: list[nn.Module]) -> t
 
 
 def distribution_correction(
-    fp_unit: nn.Module, x_fp: torch.Tensor, cfg: CalibConfig
+    fp_unit: nn.Module, x_fp: torch.Tensor, cfg: CalibConfig, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float | None, float | None]:
     """Distribution correction of spec §3, batched with the official per-group semantics.
 
     Args:
         fp_unit: the full-precision unit (real BatchNorm2d modules inside).
-        x_fp: ``[N, ...]`` float32 FP unit inputs.
+        x_fp: ``[N, ...]`` float32 FP unit inputs (a tensor or a :class:`~.cache.Staged`).
+        out: optional storage for the result (e.g. from a :class:`~.cache.UnitCache`).
     Returns:
         ``(x_c, bn_loss_before, bn_loss_after)``: corrected inputs (same shape) and the mean
         per-sample BN-statistic loss before and after (None when the unit has no BN).
@@ -120,7 +124,8 @@ def distribution_correction(
         return x_fp, None, None
     captured: list[torch.Tensor] = []
     hooks = [bn.register_forward_hook(lambda m, i, o: captured.append(i[0])) for bn in bns]
-    out = torch.empty_like(x_fp)
+    if out is None:
+        out = torch.empty_like(x_fp)
     before, after = [], []
     b1, b2, eps = 0.9, 0.999, 1e-8
     try:
@@ -186,6 +191,14 @@ class Calibrator:
         cfg: a resolved :class:`CalibConfig`.
         log: callable for one-line progress messages (``print`` by default).
         progress: show a tqdm bar per unit.
+        checkpoint_dir: write a checkpoint there after weight initialisation and after every
+            unit (see :mod:`pdquant_fast.checkpoint`); None: no checkpoints.
+        resume: continue from the checkpoint in ``checkpoint_dir`` (which must hold one from a
+            calibration with the same fingerprint: config, images, weights); finished units
+            are restored, not reconstructed again, and the result is bit-identical on CPU.
+        cache: where unit inputs/targets live: ``auto`` | ``device`` | ``host`` | ``disk``
+            (see :mod:`pdquant_fast.cache`).
+        cache_dir: scratch folder for ``disk`` (default: the system temp folder).
     """
 
     def __init__(
@@ -195,7 +208,15 @@ class Calibrator:
         cfg: CalibConfig,
         log: Callable[[str], None] | None = print,
         progress: bool = True,
+        *,
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+        cache: str = "auto",
+        cache_dir: str | None = None,
     ):
+        check_cache_mode(cache)
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
         if not isinstance(calib, torch.Tensor) or calib.dim() < 2:
             raise ValueError("calibration data must be a float tensor [N, C, H, W]")
         if not torch.isfinite(calib).all():
@@ -222,6 +243,64 @@ class Calibrator:
         self.q.requires_grad_(False)
         self.q_exec = UnitExecutor(self.q, shape)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.device = self.calib.device
+        self.cache_mode, self.cache_dir = cache, cache_dir
+        self._in_shapes, self._out_shapes = self._probe_unit_shapes()
+        self.ckpt: Checkpointer | None = None
+        self._restored: tuple[dict, dict] | None = None
+        if checkpoint_dir is not None:
+            fp = fingerprint(cfg.to_dict(), self.calib, model, self.units)
+            self.ckpt = Checkpointer(checkpoint_dir, fp)
+            if resume:  # validate (fingerprint, sha256) before any work is done
+                self._restored = self.ckpt.load()
+
+    @torch.no_grad()
+    def _probe_unit_shapes(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """Per-unit input and output shapes (without the batch axis) from one image."""
+        ins: dict[int, tuple] = {}
+        outs: dict[int, tuple] = {}
+        hooks = []
+        for k in range(len(self.units)):
+            m = self.unit(self.fp, k)
+
+            def hook(mod, inp, out, k=k):
+                ins[k], outs[k] = tuple(inp[0].shape[1:]), tuple(out.shape[1:])
+
+            hooks.append(m.register_forward_hook(hook))
+        try:
+            self.fp(self.calib[:1])
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ValueError(
+                f"the model cannot run on calibration images of shape "
+                f"{list(self.calib.shape[1:])} (per image): {str(exc).splitlines()[0]}; "
+                "give images preprocessed to the model's input size and channels"
+            ) from exc
+        finally:
+            for h in hooks:
+                h.remove()
+        n = len(self.units)
+        return [ins[k] for k in range(n)], [outs[k] for k in range(n)]
+
+    def _make_cache(self) -> UnitCache:
+        """The :class:`UnitCache` for this run (``auto`` resolved from free memory)."""
+        mode = self.cache_mode
+        if mode == "auto":
+            n = int(self.calib.shape[0])
+            need = estimate_peak_bytes(
+                n, self._in_shapes, self._out_shapes, self.cfg.dist_correction
+            )
+            need += self.calib.numel() * 4
+            mode, why = choose_mode(need, self.device)
+            self.log(f"cache mode {mode} (auto: {why})")
+        return UnitCache(mode, self.device, self.cache_dir)
+
+    def _checkpoint(self, units_done: int, reports: list[UnitReport]) -> None:
+        if self.ckpt is None:
+            return
+        from .api import quant_state
+
+        names = [u.name for u in self.units]
+        self.ckpt.save(units_done, len(self.units), quant_state(self.q), self.gen, reports, names)
 
     # ------------------------------------------------------------------ helpers
     def unit(self, model: fx.GraphModule, k: int) -> nn.Module:
@@ -257,24 +336,50 @@ class Calibrator:
     def run(self) -> tuple[fx.GraphModule, CalibReport]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        self._init_weights()
-        with torch.no_grad():
-            z_fp = batched(self.fp, self.calib)
-        x_q = self.calib
-        x_fp = self.calib
-        reports = []
         n_units = len(self.units)
+        reports: list[UnitReport] = []
+        start = 0  # units finished by an earlier, interrupted run
+        if self._restored is not None:
+            from .api import load_quant_state
+
+            man, state = self._restored
+            self._restored = None
+            load_quant_state(self.q, state["quant_state"])
+            self.gen.set_state(state["generator"])
+            start = int(man["units_done"])
+            reports = [UnitReport(**r) for r in man["reports"]]
+            self.log(
+                f"resuming from {self.ckpt.folder}: {start}/{n_units} units finished and "
+                f"restored (not reconstructed); weight init restored; continuing at unit "
+                f"{min(start + 1, n_units)}"
+            )
+        else:
+            if self.ckpt is not None:
+                self.ckpt.clear()
+            self._init_weights()
+            self._checkpoint(0, reports)
+        cache = self._make_cache()
+        self.calib = cache.put(self.calib)
+        with torch.no_grad():
+            z_fp = batched(self.fp, cache.view(self.calib))
+        x_q = x_fp = self.calib
         self._iters_total = 0 if cfg.method == "rtn" else cfg.iters * self._n_opt_units()
-        self._iters_done = 0
+        self._iters_done = 0 if cfg.method == "rtn" else cfg.iters * self._n_opt_units(start)
         self._t_opt_start = time.perf_counter()
-        for k, spec in enumerate(self.units):
+        todo = self.units if start < n_units else []  # a finished run needs no replay
+        for k, spec in enumerate(todo):
             if k > 0:
+                # unit k's inputs from unit k-1's, written batch by batch into the cache
                 prev_q, prev_fp = self.unit(self.q, k - 1), self.unit(self.fp, k - 1)
-                x_q = batched(self._advance(self.q, self.q_exec, prev_q, k), x_q)
-                x_fp = batched(self._advance(self.fp, self.fp_exec, prev_fp, k), x_fp)
+                step_q = self._advance(self.q, self.q_exec, prev_q, k)
+                x_q = batched_into(step_q, cache.view(x_q), cache)
+                step_fp = self._advance(self.fp, self.fp_exec, prev_fp, k)
+                x_fp = batched_into(step_fp, cache.view(x_fp), cache)
+            if k < start:
+                continue  # finished before the interruption: only its outputs are replayed
             rep = UnitReport(k, spec.name, spec.kind, len(spec.layers))
             tu = time.perf_counter()
-            self._reconstruct_unit(k, spec, x_q, x_fp, z_fp, rep)
+            self._reconstruct_unit(k, spec, cache.view(x_q), cache.view(x_fp), z_fp, rep, cache)
             rep.seconds = time.perf_counter() - tu
             reports.append(rep)
             loss_txt = " ".join(f"{a}={b:.4g}" for a, b in rep.losses.items())
@@ -282,9 +387,12 @@ class Calibrator:
                 f"[unit {k + 1}/{n_units}] {spec.name} ({spec.kind}, {rep.n_layers} layer(s)) "
                 f"{rep.seconds:.1f}s {loss_txt}"
             )
+            self._checkpoint(k + 1, reports)
+            cache.trim()
+        del x_q, x_fp
         self.q.eval()
         total = time.perf_counter() - t0
-        report = CalibReport(cfg.to_dict(), reports, total, int(self.calib.shape[0]))
+        report = CalibReport(cfg.to_dict(), reports, total, int(self.calib.shape[0]), cache.mode)
         return self.q, report
 
     @staticmethod
@@ -292,20 +400,27 @@ class Calibrator:
         """Map unit k-1's inputs to unit k's inputs: run unit k-1, then the glue up to unit k."""
         return lambda t: executor.run_between(top, k - 1, prev_unit(t), k)
 
-    def _n_opt_units(self) -> int:
+    def _n_opt_units(self, upto: int | None = None) -> int:
+        units = self.units if upto is None else self.units[:upto]
         if self.cfg.granularity == "layer":
-            return sum(len(u.layers) for u in self.units)
-        return len(self.units)
+            return sum(len(u.layers) for u in units)
+        return len(units)
 
-    def _reconstruct_unit(self, k, spec: UnitSpec, x_q, x_fp, z_fp, rep: UnitReport) -> None:
+    def _reconstruct_unit(
+        self, k, spec: UnitSpec, x_q, x_fp, z_fp, rep: UnitReport, cache: UnitCache | None = None
+    ) -> None:
         cfg = self.cfg
+        cache = cache or UnitCache("device", self.device)
         q_unit, fp_unit = self.unit(self.q, k), self.unit(self.fp, k)
         x_c = x_fp
         if cfg.dist_correction:
             td = time.perf_counter()
+            out = cache.empty(tuple(x_fp.shape))
             x_c, rep.dc_bn_loss_before, rep.dc_bn_loss_after = distribution_correction(
-                fp_unit, x_fp, cfg
+                fp_unit, x_fp, cfg, out=out
             )
+            x_c = cache.view(x_c)
+            cache.trim()
             rep.dc_seconds = time.perf_counter() - td
         self._init_acts(q_unit, x_q)
         if cfg.method == "rtn":
@@ -313,8 +428,7 @@ class Calibrator:
         if cfg.granularity == "layer":
             self._reconstruct_layers(k, q_unit, x_q, x_c, rep)
             return
-        with torch.no_grad():
-            y_c = batched(fp_unit, x_c)
+        y_c = cache.view(batched_into(fp_unit, x_c, cache))
         layers = unit_layers(q_unit)
         acts = unit_act_quantizers(q_unit)
         tail = (lambda o: self.fp_exec.run_from(self._fp_tail(), k, o)) if cfg.pd_loss else None
