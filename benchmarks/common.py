@@ -10,7 +10,7 @@ Every ``benchmarks/bench_*.py`` uses it so that all numbers are taken the same w
 * :func:`hardware` gives the limits used for "fraction of the hardware limit": CPU memory
   bandwidth measured in the same run (a large ``copy_``, bytes read + written), GPU HBM peak from
   the card's name (H100 SXM 3.35 TB/s, H200 4.8 TB/s; KERNEL_ANCHORS.md §4).
-* :func:`record` appends rows (with device name, versions, git SHA, timestamp) to
+* :func:`record` appends rows (with device name, versions, git SHA, timestamp, command) to
   ``benchmarks/results/<suite>.jsonl`` and prints a table.
 """
 
@@ -165,6 +165,26 @@ def git_sha() -> str:
         return "unknown"
 
 
+def command_line() -> str:
+    """How this process was started, repository-relative where possible (``python
+    benchmarks/bench_x.py --flag``): recorded in every row so reports can name the command that
+    reproduces it."""
+    import shlex
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    argv = list(sys.argv)
+    if argv and ("pytest" in Path(argv[0]).name or Path(argv[0]).parent.name == "pytest"):
+        return shlex.join(["python", "-m", "pytest", *argv[1:]])
+    if argv and argv[0].endswith(".py"):
+        try:
+            argv[0] = str(Path(argv[0]).resolve().relative_to(root))
+        except ValueError:
+            pass
+        return shlex.join(["python", *argv])
+    return shlex.join(argv)
+
+
 def environment(device: str = "cpu") -> dict:
     """Device name, versions, git SHA, timestamp: embedded in every result row."""
     try:
@@ -180,6 +200,7 @@ def environment(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "git_sha": git_sha(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(),
     }
 
 

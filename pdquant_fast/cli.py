@@ -1,4 +1,4 @@
-"""Command line: ``pdquant calibrate | eval | info``.
+"""Command line: ``pdquant calibrate | eval | sweep | info``.
 
 Errors the user can fix (bad bit-width, missing data, mismatched weights, untraceable model,
 unwritable output folder) print one ``error:`` line and exit with status 2, without a traceback.
@@ -335,6 +335,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import load_grid, run_sweep
+
+    grid = load_grid(args.grid)
+    outcome = run_sweep(
+        grid,
+        args.out,
+        workers=args.workers,
+        dry_run=args.dry_run,
+        report=not args.no_report,
+    )
+    return 0 if outcome.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdquant", description="PD-Quant post-training quantization")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -382,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-fp", action="store_true", help="do not evaluate the FP32 model")
     e.add_argument("--threads", type=int)
     e.set_defaults(func=cmd_eval)
+    w = sub.add_parser(
+        "sweep", help="run a YAML grid of calibrations (resumable), then tables and plots"
+    )
+    w.add_argument("grid", help="grid file (see pdquant_fast/sweep.py, benchmarks/grids/)")
+    w.add_argument("--out", required=True, help="sweep folder: one sub-folder per job")
+    w.add_argument("--workers", type=int, default=1, help="jobs run at once (default 1)")
+    w.add_argument("--dry-run", action="store_true", help="list the jobs and their state only")
+    w.add_argument("--no-report", action="store_true", help="skip summary.csv/md and plots")
+    w.set_defaults(func=cmd_sweep)
     i = sub.add_parser("info", help="versions, CPU features, available kernels")
     i.set_defaults(func=lambda a: _info())
     from .deploy.commands import add_commands as add_deploy_commands
