@@ -58,8 +58,26 @@ def _check_bits(bits: int) -> None:
         raise OpInputError(f"bits must be one of {list(OP_BITS)}, got {bits!r}")
 
 
+def _check_delta_values(delta: Tensor) -> None:
+    """Every step must be finite and > 0 (a zero step divides by zero, a negative one flips
+    the grid). One reduction; on a GPU it costs one host sync, skipped while a CUDA graph is
+    being captured (where a sync is not allowed)."""
+    if delta.numel() == 0:
+        return
+    if delta.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    ok = (delta > 0) & (delta < float("inf"))  # NaN fails both comparisons
+    if not bool(ok.all()):
+        bad = delta[~ok].reshape(-1)[:3].tolist()
+        raise OpInputError(
+            f"delta (the quantization step) must be finite and > 0; got {int((~ok).sum())} "
+            f"invalid value(s), e.g. {bad}"
+        )
+
+
 def _check_qparams(x: Tensor, delta: Tensor, zero_point: Tensor, axis: int, bits: int) -> None:
-    """``delta``/``zero_point``: float32, ``[]`` or ``[x.shape[axis]]``; ``axis`` valid."""
+    """``delta``/``zero_point``: float32, ``[]`` or ``[x.shape[axis]]``; ``axis`` valid;
+    ``delta`` finite and > 0."""
     _check_tensor("x", x, torch.float32, x.device)
     _check_tensor("delta", delta, torch.float32, x.device)
     _check_tensor("zero_point", zero_point, torch.float32, x.device)
@@ -85,6 +103,7 @@ def _check_qparams(x: Tensor, delta: Tensor, zero_point: Tensor, axis: int, bits
         raise OpInputError(
             f"x has {x.numel()} elements; at most {MAX_HASH_NUMEL - 1} are supported"
         )
+    _check_delta_values(delta)
 
 
 def _check_drop(x: Tensor, keep_prob: float, seed: Tensor | None, mask: Tensor | None) -> None:
@@ -209,6 +228,8 @@ def _check_adaround(
                 f"{name} must have shape [{c}] (one per output channel), got {tuple(t.shape)}"
             )
     _check_bits(bits)
+    if delta is not None:
+        _check_delta_values(delta)
 
 
 def _check_beta(beta: Tensor, device: torch.device) -> None:
