@@ -17,10 +17,11 @@ counts. Plots use matplotlib's Agg backend (no display), PNG without a timestamp
 regenerating from the same results gives the same bytes.
 
 Latency rows (for the latency-vs-batch plot and table) need, besides the environment keys:
-``format`` (e.g. ``"fp32"``, ``"fake-quant W4A4"``, ``"packed W4A4"``), ``batch`` (or
-``batch_size``), and a timing: a :class:`benchmarks.common.Timing` dict (``median_s``,
-``p10_s``, ``p90_s``) under any key, or a scalar ``median_s`` / ``median_ms`` / ``latency_ms``;
-``model`` is optional. Rows without these are skipped (and counted).
+a format (``format``, or ``impl`` with ``bits``/``backend`` as
+``benchmarks/bench_packed_latency.py`` writes them), ``batch`` (or ``batch_size``), and a timing:
+a :class:`benchmarks.common.Timing` dict (``median_s``, ``p10_s``, ``p90_s``) under any key, or
+scalars ``median_s``/``p10_s``/``p90_s`` or ``median_ms``/``p10_ms``/``p90_ms``; ``model`` and
+``threads`` are optional. Rows without these are skipped (and counted).
 """
 
 from __future__ import annotations
@@ -637,31 +638,54 @@ class LatencyPoint:
     device: str
 
 
+def _row_format(row: dict) -> str | None:
+    """``format``, else ``impl`` (+ ``bits`` for packed formats, + ``backend`` unless torch): the
+    ``benchmarks/bench_packed_latency.py`` rows give e.g. "packed W4A4 (cpp)", "fp32",
+    "int8_ao (x86/fbgemm)"."""
+    if isinstance(row.get("format"), str):
+        return row["format"]
+    impl = row.get("impl")
+    if not isinstance(impl, str):
+        return None
+    name = impl
+    if "packed" in impl and isinstance(row.get("bits"), str):
+        name += f" {row['bits']}"
+    if isinstance(row.get("backend"), str) and row["backend"] != "torch":
+        name += f" ({row['backend']})"
+    return name
+
+
+def _row_timing(row: dict) -> tuple[float | None, float | None, float | None]:
+    """(median, p10, p90) seconds from a Timing dict, ``*_s`` or ``*_ms`` fields."""
+    timing = next((v for v in row.values() if _is_timing(v)), None)
+    if timing is not None:
+        return timing["median_s"], timing.get("p10_s"), timing.get("p90_s")
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        med = row.get(f"median_{unit}", row.get(f"latency_{unit}"))
+        if isinstance(med, (int, float)):
+            p10, p90 = row.get(f"p10_{unit}"), row.get(f"p90_{unit}")
+            return (
+                med * scale,
+                p10 * scale if isinstance(p10, (int, float)) else None,
+                p90 * scale if isinstance(p90, (int, float)) else None,
+            )
+    return None, None, None
+
+
 def latency_points(rows: list[dict]) -> tuple[list[LatencyPoint], int]:
-    """Latency points from benchmark rows (see the module docstring); returns (points, skipped)."""
+    """Latency points from benchmark rows (see the module docstring); returns (points, skipped).
+    A ``threads`` field is folded into the device name (one panel per thread count)."""
     pts, skipped = [], 0
     for row in latest_rows(rows):
         batch = row.get("batch", row.get("batch_size"))
-        fmt = row.get("format")
-        timing = next((v for v in row.values() if _is_timing(v)), None)
-        if timing is not None:
-            med, p10, p90 = timing["median_s"], timing.get("p10_s"), timing.get("p90_s")
-        elif isinstance(row.get("median_s"), (int, float)):
-            med, p10, p90 = row["median_s"], row.get("p10_s"), row.get("p90_s")
-        else:
-            ms = next(
-                (
-                    row[k]
-                    for k in ("median_ms", "latency_ms")
-                    if isinstance(row.get(k), (int, float))
-                ),
-                None,
-            )
-            med = None if ms is None else ms / 1e3
-            p10 = p90 = None
-        if not isinstance(batch, int) or not isinstance(fmt, str) or med is None:
+        fmt = _row_format(row)
+        med, p10, p90 = _row_timing(row)
+        if not isinstance(batch, int) or fmt is None or med is None:
             skipped += 1
             continue
+        device = str(row.get("device", "?"))
+        if isinstance(row.get("threads"), int):
+            device += f", {row['threads']} thread(s)"
         pts.append(
             LatencyPoint(
                 model=str(row.get("model", "")),
@@ -670,7 +694,7 @@ def latency_points(rows: list[dict]) -> tuple[list[LatencyPoint], int]:
                 median_s=float(med),
                 p10_s=p10,
                 p90_s=p90,
-                device=str(row.get("device", "?")),
+                device=device,
             )
         )
     return pts, skipped
@@ -794,12 +818,16 @@ def rows_commands(rows: list[dict], root: Path | None = None) -> list[str]:
     if cmds:
         return cmds
     root = root or Path.cwd()
+    scripts = [
+        (p, p.read_text(errors="replace")) for p in sorted(root.glob("benchmarks/bench_*.py"))
+    ]
     out = []
-    for suite in sorted({r.get("_file", "") for r in rows}):
+    for suite in sorted({r.get("_file", "") for r in rows} - {""}):
         prefix = suite.split("_cpu")[0].split("_cuda")[0].split("_gpu")[0]
-        for script in sorted((root / "benchmarks").glob("bench_*.py")):
-            if prefix and prefix in script.read_text(errors="replace"):
-                out.append(f"python {script.relative_to(root)}")
+        for needle in (f'"{suite}"', prefix):  # the exact suite name first, then its stem
+            hit = next((p for p, text in scripts if needle in text), None)
+            if hit is not None:
+                out.append(f"python {hit.relative_to(root)}")
                 break
     return sorted(set(out))
 

@@ -482,6 +482,41 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, stub):
     assert all(p.read_bytes() == b for p, b in before.items())
 
 
+def test_latency_rows_in_the_packed_latency_schema():
+    """Rows as benchmarks/bench_packed_latency.py records them (impl/bits/backend, *_ms)."""
+    env = {"device": "EPYC", "torch": "t", "git_sha": "s", "timestamp": "2026-01-01T00:00:00"}
+    common = {"model": "cifar_resnet20", "bits": "W4A4", "batch": 32, "threads": 2, **env}
+    rows = [
+        {
+            **common,
+            "impl": "packed",
+            "backend": "cpp",
+            "median_ms": 2.0,
+            "p10_ms": 1.5,
+            "p90_ms": 2.5,
+        },
+        {
+            **common,
+            "impl": "fp32",
+            "backend": "torch",
+            "median_ms": 5.0,
+            "p10_ms": 4.0,
+            "p90_ms": 6.0,
+        },
+        {**common, "impl": "int8_ao", "backend": "x86/fbgemm", "median_ms": 4.0},
+        {**common, "batch": 64, "impl": "packed", "backend": "cpp"},  # no timing: skipped
+    ]
+    points, skipped = report.latency_points(rows)
+    assert skipped == 1
+    by = {p.format: p for p in points}
+    assert set(by) == {"packed W4A4 (cpp)", "fp32", "int8_ao (x86/fbgemm)"}
+    packed = by["packed W4A4 (cpp)"]
+    assert (packed.median_s, packed.p10_s, packed.p90_s) == (2e-3, 1.5e-3, 2.5e-3)
+    assert packed.device == "EPYC, 2 thread(s)" and by["int8_ao (x86/fbgemm)"].p10_s is None
+    md = report.latency_markdown(points)
+    assert "speed-up over fp32" in md and "| packed W4A4 (cpp) | 2 (x2.50) |" in md
+
+
 def test_bench_rows_keep_the_latest_measurement_per_parameters():
     rows = [
         {"op": "fq", "n": 4097, "t": {"median_s": 1.0}, "device": "d", "_file": "k"},
@@ -503,7 +538,8 @@ def test_readme_generator_is_idempotent_and_needs_its_markers(tmp_path):
     (root / "benchmarks" / "results").symlink_to(ROOT / "benchmarks" / "results")
     names = ("accuracy", "kernels", "latency")
     blocks = "".join(
-        f"<!-- BEGIN GENERATED: {n} -->\nSTALE-PLACEHOLDER\n<!-- END GENERATED: {n} -->\n" for n in names
+        f"<!-- BEGIN GENERATED: {n} -->\nSTALE-PLACEHOLDER\n<!-- END GENERATED: {n} -->\n"
+        for n in names
     )
     (root / "README.md").write_text("# Title\n\nprose stays\n\n" + blocks + "tail\n")
     script = [
