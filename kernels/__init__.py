@@ -26,6 +26,12 @@ _KERNELS = {
     "adaround_soft_backward_triton": "adaround",
     "adaround_hard_triton": "adaround",
     "mse_search_2d_triton": "mse_search",
+    "linear_wa16_triton": "deploy_linear",
+    "linear_wa16_prepack": "deploy_linear",
+    "qlinear_triton": "deploy_linear",
+    "qlinear_prepack_triton": "deploy_linear",
+    "qconv2d_triton": "deploy_conv",
+    "qconv2d_prepack_triton": "deploy_conv",
 }
 
 __all__ = sorted(_KERNELS)

@@ -612,3 +612,75 @@ def qlinear(
 def _(x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits):
     dtype = torch.float32 if out_bits == 0 else torch.uint8
     return x.new_empty((x.shape[0], w.shape[0]), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# weight-only low-bit linear (GPU)
+#
+# linear_wa16(x, w_packed, scale, zero, bits, group) -> y = x @ ((w_code - zero) * scale)^T for
+# fp16/bf16 x [M, K] and 2/4-bit weight codes in the pack() storage format [N, ceil(K*bits/8)];
+# scale and zero per output channel [N] (group 0) or per group of `group` inputs along K
+# [N, ceil(K/group)] (group a power of two >= 16; the last group may be partial). Exact math:
+# reference.linear_wa16_reference; fast kernel: pdquant_fast.kernels.linear_wa16_triton (it also
+# offers an optional weight transpose, linear_wa16_prepack, not an op).
+
+WA16_BITS = (2, 4)
+WA16_DTYPES = (torch.float16, torch.bfloat16)
+WA16_QPARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+backends.register_op("linear_wa16", WA16_BITS)
+
+
+def _check_wa16(
+    x: Tensor, w_packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int
+) -> None:
+    if not isinstance(x, Tensor) or x.dtype not in WA16_DTYPES:
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise OpInputError(f"x must be float16 or bfloat16, got {got}")
+    _check_tensor("x", x, x.dtype, x.device)
+    if x.dim() != 2:
+        raise OpInputError(f"x must be 2-d [M, K], got shape {tuple(x.shape)}")
+    if isinstance(bits, bool) or bits not in WA16_BITS:
+        raise OpInputError(f"bits must be one of {list(WA16_BITS)}, got {bits!r}")
+    if (
+        isinstance(group, bool)
+        or not isinstance(group, int)
+        or group < 0
+        or (group and (group < 16 or group & (group - 1)))
+    ):
+        raise OpInputError(
+            f"group must be 0 (per output channel) or a power of two >= 16, got {group!r}"
+        )
+    _check_tensor("w_packed", w_packed, torch.uint8, x.device)
+    k = x.shape[1]
+    if w_packed.dim() != 2 or w_packed.shape[1] != packed_row_bytes(k, bits):
+        raise OpInputError(
+            f"w_packed must be uint8 [N, {packed_row_bytes(k, bits)}] for K={k} at {bits} bits, "
+            f"got shape {tuple(w_packed.shape)}"
+        )
+    n = w_packed.shape[0]
+    want = (n,) if group == 0 else (n, -(-k // group))
+    if not isinstance(scale, Tensor) or scale.dtype not in WA16_QPARAM_DTYPES:
+        got = scale.dtype if isinstance(scale, Tensor) else type(scale).__name__
+        raise OpInputError(f"scale must be float16, bfloat16 or float32, got {got}")
+    _check_tensor("scale", scale, scale.dtype, x.device)
+    _check_tensor("zero", zero, scale.dtype, x.device)
+    for name, t in (("scale", scale), ("zero", zero)):
+        if tuple(t.shape) != want:
+            raise OpInputError(
+                f"{name} must have shape {list(want)} for group={group} (N={n}, K={k}), got "
+                f"{tuple(t.shape)}"
+            )
+
+
+@torch.library.custom_op("pdquant::linear_wa16", mutates_args=())
+def linear_wa16(
+    x: Tensor, w_packed: Tensor, scale: Tensor, zero: Tensor, bits: int, group: int
+) -> Tensor:
+    """``[M, N]`` in x's dtype: see :func:`~pdquant_fast.ops.reference.linear_wa16_reference`."""
+    _check_wa16(x, w_packed, scale, zero, bits, group)
+    return _run("linear_wa16", x.device, bits)(x, w_packed, scale, zero, bits, group)
+
+
+@linear_wa16.register_fake
+def _(x, w_packed, scale, zero, bits, group):
+    return x.new_empty((x.shape[0], w_packed.shape[0]))

@@ -397,3 +397,39 @@ def qlinear_reference(
     float32 ``[N, O]`` or None; exact int32 accumulation + :func:`requant_reference`."""
     acc = qlinear_acc_reference(x, x_zp, w)
     return requant_reference(acc, scale, bias, act, residual, out_scale, out_zp, out_bits)
+
+
+# --------------------------------------------------------------------------------------------
+# weight-only low-bit linear (GPU)
+
+
+def linear_wa16_reference(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group: int,
+) -> torch.Tensor:
+    """Weight-only low-bit linear ``y = x @ ((w_code - zero) * scale)^T``.
+
+    ``x`` float16/bfloat16 ``[M, K]``; ``w_packed`` uint8 ``[N, ceil(K*bits/8)]`` (the
+    :func:`pack_reference` layout of codes ``w_code`` in ``0..2^bits-1``, ``bits`` 2 or 4);
+    ``scale``/``zero`` (float16, bfloat16 or float32) ``[N]`` for ``group == 0`` (per output
+    channel) or ``[N, ceil(K/group)]`` (input ``k`` uses column ``k // group``). Unpacks,
+    dequantizes ``w = (float32(code) - float32(zero)) * float32(scale)`` in float32, multiplies
+    ``float32(x) @ w^T`` in float32 (no TF32: torch's default for float32 matmul) and rounds once
+    to x's dtype (nearest even). Returns ``[M, N]``.
+    """
+    k = x.shape[1]
+    codes = unpack_reference(w_packed, bits, k).to(torch.float32)
+    s = scale.to(torch.float32)
+    z = zero.to(torch.float32)
+    if group:
+        s = s.repeat_interleave(group, dim=1)[:, :k]
+        z = z.repeat_interleave(group, dim=1)[:, :k]
+    else:
+        s = s[:, None]
+        z = z[:, None]
+    w = (codes - z) * s
+    return (x.to(torch.float32) @ w.t()).to(x.dtype)
