@@ -50,7 +50,7 @@ from benchmarks.common import gpu_hbm_peak, measure, ratio, record  # noqa: E402
 #: Dense INT8 / FP16 tensor-core peaks of H100/H200 SXM (KERNEL_ANCHORS.md §4), ops/s.
 INT8_PEAK = 1978.9e12
 FP16_PEAK = 989.4e12
-WA16_SHAPES = [(8192, 8192), (11008, 4096), (4096, 11008), (16384, 16384)]  # (N, K)
+WA16_SHAPES = [(16384, 16384), (8192, 8192), (11008, 4096), (4096, 11008)]  # (N, K)
 QMM_SHAPES = [(768, 3072), (3072, 768), (768, 2304)]  # (K, N), SAM ViT-B
 QMM_M = (4096, 32768)
 SWEEP_NK = (16384, 16384)  # --sweep times every wa16 candidate at this (N, K)
@@ -92,15 +92,31 @@ def _wa16_check(y, x, codes, scale, zero, group, cols=512):
     return ((y[:, :n].double() - y64).abs() / budget).max().item()
 
 
+#: Weight layouts timed per case: the contract's plain rows, and interleaved N-major prepacks
+#: (:func:`linear_wa16_prepack`): (name, word_bits, interleave_kw) per bit-width.
+WA16_LAYOUTS = {
+    4: [("plain", 0, 0), ("ilv32x16", 32, 16)],
+    2: [("plain", 0, 0), ("ilv8x32", 8, 32), ("ilv32x8", 32, 8)],
+}
+
+
+def _over_budget(args, t_start) -> bool:
+    return args.max_s > 0 and time.perf_counter() - t_start > args.max_s
+
+
 def bench_wa16(args, dev, peak_bw) -> list[dict]:
     from pdquant_fast.kernels import deploy_linear as dl
     from pdquant_fast.ops.reference import pack_reference
 
     rows = []
-    shapes = WA16_SHAPES[:1] + WA16_SHAPES[-1:] if args.quick else WA16_SHAPES
+    shapes = WA16_SHAPES[:2] if args.quick else WA16_SHAPES
     group = 128
+    t_start = time.perf_counter()
     for n, k in shapes:
         for bits in (4, 2):
+            if _over_budget(args, t_start):
+                rows.append({"section": "wa16", "N": n, "K": k, "bits": bits, "error": "skipped"})
+                continue
             try:
                 gen = torch.Generator(device=dev).manual_seed(n + k + bits)
                 codes = torch.randint(0, 1 << bits, (n, k), device=dev, generator=gen)
@@ -114,49 +130,57 @@ def bench_wa16(args, dev, peak_bw) -> list[dict]:
                     (codes.float() - zero.float().repeat_interleave(group, 1))
                     * scale.float().repeat_interleave(group, 1)
                 ).half()
+                layouts = {}
+                for name, wb, ilv in WA16_LAYOUTS[bits]:
+                    layouts[name] = (
+                        wp
+                        if not ilv
+                        else dl.linear_wa16_prepack(wp, bits, k, wb, interleave_kw=ilv)
+                    )
             except Exception as exc:  # noqa: BLE001
                 rows.append(_err_row("wa16", {"N": n, "K": k, "bits": bits}, exc))
                 continue
             for m in (1, 4, 16):
-                case = {"case": f"W{bits}A16", "M": m, "N": n, "K": k, "group": group}
-                try:
-                    x = torch.randn(m, k, device=dev, generator=gen).half()
-                    t0 = time.perf_counter()
-                    y = dl.linear_wa16_triton(x, wp, scale, zero, bits, group)  # tunes once
-                    torch.cuda.synchronize()
-                    tune_s = time.perf_counter() - t0
-                    err = _wa16_check(y, x, codes, scale, zero, group)
-                    if not err <= 1.0:
-                        raise AssertionError(f"error {err:.3g} x budget vs float64")
-                    cfg = dl.LAST_CONFIG.get("wa16")
-                    t_ours = measure(
-                        partial(dl.linear_wa16_triton, x, wp, scale, zero, bits, group),
-                        device="cuda",
-                    )
-                    t_fp16 = measure(partial(F.linear, x, w16), device="cuda")
-                    nbytes = wp.numel() + 2 * 2 * scale.numel() + 2 * m * k + 2 * m * n
-                    rows.append(
-                        {
-                            "section": "wa16",
-                            **case,
-                            "ours": t_ours,
-                            "fp16": t_fp16,
-                            "speedup": ratio(t_fp16, t_ours),
-                            "GBps": nbytes / t_ours.median_s / 1e9,
-                            "hbm_frac": nbytes / t_ours.median_s / peak_bw if peak_bw else None,
-                            "fp16_hbm_frac": (2 * n * k) / t_fp16.median_s / peak_bw
-                            if peak_bw
-                            else None,
-                            "TFLOPS": 2 * m * n * k / t_ours.median_s / 1e12,
-                            "err_budget_frac": err,
-                            "config": _cfg_str(cfg),
-                            "tune_s": tune_s,
-                        }
-                    )
-                    if args.sweep and (n, k) == SWEEP_NK:
-                        rows += _wa16_sweep(dl, case, x, wp, scale, zero, bits, group, t_fp16)
-                except Exception as exc:  # noqa: BLE001
-                    rows.append(_err_row("wa16", case, exc))
+                x = torch.randn(m, k, device=dev, generator=gen).half()
+                t_fp16 = measure(partial(F.linear, x, w16), device="cuda")
+                for lname, w in layouts.items():
+                    case = {"case": f"W{bits}A16", "layout": lname, "M": m, "N": n, "K": k}
+                    try:
+                        t0 = time.perf_counter()
+                        y = dl.linear_wa16_triton(x, w, scale, zero, bits, group)  # tunes once
+                        torch.cuda.synchronize()
+                        tune_s = time.perf_counter() - t0
+                        err = _wa16_check(y, x, codes, scale, zero, group)
+                        if not err <= 1.0:
+                            raise AssertionError(f"error {err:.3g} x budget vs float64")
+                        cfg = dl.LAST_CONFIG.get("wa16")
+                        t_ours = measure(
+                            partial(dl.linear_wa16_triton, x, w, scale, zero, bits, group),
+                            device="cuda",
+                        )
+                        nbytes = wp.numel() + 2 * 2 * scale.numel() + 2 * m * k + 2 * m * n
+                        rows.append(
+                            {
+                                "section": "wa16",
+                                **case,
+                                "ours": t_ours,
+                                "fp16": t_fp16,
+                                "speedup": ratio(t_fp16, t_ours),
+                                "GBps": nbytes / t_ours.median_s / 1e9,
+                                "hbm_frac": nbytes / t_ours.median_s / peak_bw if peak_bw else None,
+                                "fp16_hbm_frac": (2 * n * k) / t_fp16.median_s / peak_bw
+                                if peak_bw
+                                else None,
+                                "TFLOPS": 2 * m * n * k / t_ours.median_s / 1e12,
+                                "err_budget_frac": err,
+                                "config": _cfg_str(cfg),
+                                "tune_s": tune_s,
+                            }
+                        )
+                        if args.sweep and (n, k) == SWEEP_NK:
+                            rows += _wa16_sweep(dl, case, x, w, scale, zero, bits, group, t_fp16)
+                    except Exception as exc:  # noqa: BLE001
+                        rows.append(_err_row("wa16", case, exc))
             torch.cuda.empty_cache()
     return rows
 
@@ -168,15 +192,19 @@ def _cfg_str(cfg) -> str:
     return ",".join(f"{k}={v}" for k, v in d.items())
 
 
-def _wa16_sweep(dl, case, x, wp, scale, zero, bits, group, t_fp16) -> list[dict]:
+def _wa16_sweep(dl, case, x, w, scale, zero, bits, group, t_fp16) -> list[dict]:
     """Time every candidate configuration of this case (what the tuner chose among)."""
     rows = []
     m, k = x.shape
-    p = dl._WA16Problem(m, wp.shape[0], k, bits, group)
-    for cfg in dict.fromkeys(dl.wa16_candidates(p, (32, 8), x.device)):
+    if isinstance(w, dl.WA16Packed):
+        n, wbs, fixed = w.n, (w.word_bits,), w.block_kw
+    else:
+        n, wbs, fixed = w.shape[0], tuple(dl._word_views(w)), 0
+    p = dl._WA16Problem(m, n, k, bits, group)
+    for cfg in dict.fromkeys(dl.wa16_candidates(p, wbs, x.device, fixed)):
         try:
             t = measure(
-                lambda cfg=cfg: dl.linear_wa16_triton(x, wp, scale, zero, bits, group, config=cfg),
+                partial(dl.linear_wa16_triton, x, w, scale, zero, bits, group, config=cfg),
                 device="cuda",
             )
             rows.append(
@@ -190,20 +218,6 @@ def _wa16_sweep(dl, case, x, wp, scale, zero, bits, group, t_fp16) -> list[dict]
             )
         except Exception as exc:  # noqa: BLE001
             rows.append(_err_row("wa16-sweep", {**case, "config": _cfg_str(cfg)}, exc))
-    pk = dl.linear_wa16_prepack(wp, bits, k)
-    try:
-        t = measure(lambda: dl.linear_wa16_triton(x, pk, scale, zero, bits, group), device="cuda")
-        rows.append(
-            {
-                "section": "wa16-sweep",
-                **case,
-                "ours": t,
-                "speedup": ratio(t_fp16, t),
-                "config": "prepacked N-major int32 words (tuned)",
-            }
-        )
-    except Exception as exc:  # noqa: BLE001
-        rows.append(_err_row("wa16-sweep", {**case, "config": "prepacked"}, exc))
     return rows
 
 
@@ -217,8 +231,12 @@ def bench_qmm(args, dev) -> list[dict]:
 
     rows = []
     ms = QMM_M[:1] if args.quick else QMM_M
+    t_start = time.perf_counter()
     for m in ms:
         for k, n in QMM_SHAPES:
+            if _over_budget(args, t_start):
+                rows.append({"section": "qmm", "M": m, "K": k, "N": n, "error": "skipped"})
+                continue
             gen = torch.Generator(device=dev).manual_seed(m + k + n)
             try:
                 w = torch.randint(-8, 8, (n, k), device=dev, generator=gen).to(torch.int8)
@@ -288,8 +306,12 @@ def bench_conv(args, dev) -> list[dict]:
 
     rows = []
     cases = CONV_CASES[1:2] if args.quick else CONV_CASES
+    t_start = time.perf_counter()
     for name, nb, c, h, wd, o, ks, s, p, g in cases:
         case = {"case": name, "batch": nb, "C": c, "HW": h, "O": o, "k": ks, "groups": g}
+        if _over_budget(args, t_start):
+            rows.append({"section": "conv", **case, "error": "skipped"})
+            continue
         try:
             gen = torch.Generator(device=dev).manual_seed(c + o + h)
             x = torch.randint(0, 16, (nb, c, h, wd), device=dev, generator=gen).to(torch.uint8)
@@ -340,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one or two shapes per section")
     ap.add_argument("--sweep", action="store_true", help="time every wa16 candidate at 16384^2")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--max-s",
+        type=float,
+        default=0.0,
+        help="per section: skip the remaining cases once this many seconds have passed (0: off)",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_deploy_gpu: needs a CUDA GPU", file=sys.stderr)
@@ -426,7 +454,9 @@ def _summary(rows: list[dict]) -> None:
     for r in rows:
         if r.get("section") == "wa16" and r.get("N") == r.get("K") == 16384 and "speedup" in r:
             goal = 2.6 if r["case"] == "W4A16" else 3.5
-            print(f"  {r['case']} M={r['M']} 16384^2: {r['speedup']:.2f}x  [>= {goal}]")
+            print(
+                f"  {r['case']} {r['layout']} M={r['M']} 16384^2: {r['speedup']:.2f}x  [>= {goal}]"
+            )
         if r.get("section") == "qmm" and r.get("case") == "W4A4" and "speedup" in r:
             print(
                 f"  W4A4 M={r['M']} K={r['K']} N={r['N']}: {r['speedup']:.2f}x fp16, "
