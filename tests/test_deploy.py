@@ -470,7 +470,8 @@ def resnet20_data(shared_data):
     test = open_image_source(folder, "cifar", split="test")
     xc = torch.stack([train[i][0] for i in range(128)])
     xt = torch.stack([test[i][0] for i in range(1000)])
-    return model, xc, xt
+    yt = torch.tensor([test[i][1] for i in range(1000)])
+    return model, xc, xt, yt
 
 
 @pytest.mark.slow
@@ -480,7 +481,7 @@ def test_resnet20_parity(resnet20_data, tmp_path, method, w_bits):
     images; per-layer checks on 64 test images, end to end on the 1,000 lossless test images."""
     from pdquant_fast import quantize
 
-    model, xc, xt = resnet20_data
+    model, xc, xt, yt = resnet20_data
     q, _ = quantize(
         model, xc, method=method, w_bits=w_bits, a_bits=4, iters=5, log=None, progress=False
     )
@@ -488,17 +489,39 @@ def test_resnet20_parity(resnet20_data, tmp_path, method, w_bits):
     assert man["sizes"]["ratio"] > 5
     rep = compare(q, load_packed(tmp_path / "p"), xt, layer_images=64)
     s = rep.summary()
+    acc_sim = (torch.tensor(rep.sim_pred) == yt).float().mean().item()
+    acc_packed = (torch.tensor(rep.packed_pred) == yt).float().mean().item()
     print(json.dumps({k: v for k, v in s.items() if k != "top1_disagreements"}))
+    print(
+        f"top-1 vs labels: simulation {acc_sim:.2%}, packed {acc_packed:.2%}; sizes", man["sizes"]
+    )
     assert len(rep.layers) == 18 and rep.acc_all_equal
     assert rep.teacher_logits_equal
     assert s["flip_max_tie_dist"] < TIE_TOL
     assert s["teacher_forced_flips"] <= 1e-5 * s["output_elements"]
     # budget: code flips at ties cascade through 19 layers; the logits stay within 10% of the
-    # largest logit, and every top-1 disagreement is a near-tie of the simulation itself
+    # largest logit (measured 4.9% W4A4, 1.5% W2A4) and top-1 agrees on >= 99% of the images
+    # (measured 996 and 1000 of 1000)
     assert rep.logits_max_abs_diff <= 0.10 * rep.logits_max_abs
     assert rep.top1_agree >= 990
+    # every disagreement is explained by tie rounding: on that image alone, all accumulators are
+    # exact, every code that differs when teacher-forced lies at a rounding tie and the logits are
+    # bit-identical once the simulation's codes are fed; and either the free-running packed model
+    # flipped codes (at ties, cascading), or the simulation's own float32 convolution rounds
+    # differently in a batch of 1,000 than alone (its top-1 alone differs from its top-1 in the
+    # batch; the packed model's integer path does not depend on the batch)
+    pm = load_packed(tmp_path / "p")
     for d in rep.disagreements:
-        assert d["sim_margin"] <= rep.logits_max_abs_diff * 2, d
+        one = compare(q, pm, xt[d["image"] : d["image"] + 1])
+        flips = sum(one.free_running_flips.values())
+        print(
+            d,
+            f"alone: free-running flips {flips}, sim top-1 {one.sim_pred[0]}, packed "
+            f"top-1 {one.packed_pred[0]}",
+        )
+        assert one.acc_all_equal and one.teacher_logits_equal, d
+        assert one.summary()["flip_max_tie_dist"] < TIE_TOL, d
+        assert flips > 0 or one.sim_pred[0] != d["sim_top1"], d
 
 
 @pytest.mark.slow

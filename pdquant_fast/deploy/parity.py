@@ -54,6 +54,8 @@ class ParityReport:
     top1_agree: int = 0
     disagreements: list[dict] = field(default_factory=list)
     free_running_flips: dict = field(default_factory=dict)
+    sim_pred: list[int] = field(default_factory=list)  # top-1 class per image
+    packed_pred: list[int] = field(default_factory=list)
 
     @property
     def acc_all_equal(self) -> bool:
@@ -193,6 +195,7 @@ def compare(
     rep.logits_max_abs = float(sim_logits.abs().max())
     p_top, s_top = logits.argmax(1), sim_logits.argmax(1)
     rep.top1_agree = int((p_top == s_top).sum())
+    rep.sim_pred, rep.packed_pred = s_top.tolist(), p_top.tolist()
     for i in torch.nonzero(p_top != s_top).flatten().tolist():
         top2 = sim_logits[i].topk(2).values
         rep.disagreements.append(
