@@ -59,6 +59,8 @@ def collect_images(calib, limit: int | None = None) -> torch.Tensor:
         x = torch.cat(items)
     if limit is not None:
         x = x[:limit]
+    if x.dim() >= 1 and x.shape[0] == 0:
+        raise ValueError("the calibration data holds 0 images; at least 1 is needed")
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(
             f"calibration images must be a float tensor [N, C, H, W], got {tuple(x.shape)} "

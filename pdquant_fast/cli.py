@@ -52,6 +52,8 @@ def _parse_set(items: list[str]) -> dict:
 
 def _prepare_out(out: str) -> Path:
     p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise CliError(f"output folder {out} is an existing file; --out must name a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / ".write_probe"
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdquant", description="PD-Quant post-training quantization")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calibrate", help="calibrate a model and write DIR/result.json")
-    c.add_argument("--model", required=True, help="cifar_resnet<6n+2> or efficientnet_lite0")
+    c.add_argument("--model", help="cifar_resnet<6n+2> or efficientnet_lite0 (required)")
     c.add_argument("--weights", help="state-dict file (default: packaged weights where they exist)")
     c.add_argument("--data", help="calibration images (folder, sprite PNG(s), dataset.txt)")
     c.add_argument("--split", help="train|test for CIFAR sprite folders (default train)")

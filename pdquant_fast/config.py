@@ -88,6 +88,10 @@ class CalibConfig:
         if c.preset not in PRESETS:
             raise QuantConfigError(f"unknown preset {c.preset!r}: choose one of {list(PRESETS)}")
         _positive_int(c.iters, "iters (--iters)")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**63:
+            raise QuantConfigError(
+                f"seed (--seed) must be an integer in 0..2**63-1, got {c.seed!r}"
+            )
         _positive_int(c.batch_size, "batch_size")
         _positive_int(c.act_init_samples, "act_init_samples")
         _positive_int(c.dc_chunk, "dc_chunk")

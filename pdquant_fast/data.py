@@ -194,9 +194,15 @@ def _decode_rgb(path: str) -> Image.Image:
             # Leaving the block closes ``im``; older Pillow then poisons its pixel data.
             return im.copy() if rgb is im else rgb
     except FileNotFoundError as exc:
-        raise DataError(f"image file {path} has disappeared") from exc
+        raise DataError(
+            f"image file {path} cannot be opened (deleted, or a broken link); every listed "
+            "image must be a readable file"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode image file {path}: {exc}") from exc
+        raise DataError(
+            f"cannot decode image file {path}: {exc}; files with an image extension "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}) must be images Pillow can decode"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -219,15 +219,22 @@ class Calibrator:
             raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
         if not isinstance(calib, torch.Tensor) or calib.dim() < 2:
             raise ValueError("calibration data must be a float tensor [N, C, H, W]")
+        if calib.shape[0] == 0:
+            raise ValueError("the calibration data holds 0 images; at least 1 is needed")
         if not torch.isfinite(calib).all():
-            raise ValueError("calibration images contain NaN or Inf")
+            n_bad = int((~torch.isfinite(calib)).sum())
+            raise ValueError(
+                f"calibration images contain NaN or Inf ({n_bad} values); images must be finite"
+            )
         self.cfg = cfg
         self.calib = calib.float().contiguous()
         self.log = log or (lambda s: None)
         self.progress = progress
         for name, p in model.named_parameters():
             if not torch.isfinite(p).all():
-                raise ValueError(f"model weight '{name}' contains NaN or Inf")
+                raise ValueError(
+                    f"model weight '{name}' contains NaN or Inf; all weights must be finite"
+                )
         self.fp, self.units = build_unit_model(model)
         self.fp.requires_grad_(False)
         shape = tuple(self.calib.shape[1:])
