@@ -544,3 +544,29 @@ def test_efficientnet_lite0_parity(shared_data, tmp_path):
     assert rep.acc_all_equal and rep.teacher_logits_equal
     assert rep.summary()["flip_max_tie_dist"] < TIE_TOL
     assert rep.logits_max_abs_diff <= 0.10 * rep.logits_max_abs and rep.top1_agree == 2
+
+
+def test_torchvision_resnet18_structure_and_parity(tmp_path):
+    """torchvision ResNet-18 (random init, 64x64 inputs to keep it quick): the stem's max-pool
+    runs on codes, each downsample conv is a packed op with float output feeding the fused
+    conv2 + add + ReLU + quantizer; accumulators exact, teacher-forced logits bit-identical."""
+    from _torchvision import import_torchvision_models
+
+    tvm = import_torchvision_models()
+    if tvm is None:
+        pytest.skip("torchvision is not installed")
+    torch.manual_seed(0)
+    model = tvm.resnet18().eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    q = quick_quantize(model, x, 4, 4)
+    man = export_packed(q, tmp_path / "p", fp_model=model)
+    g = {n["name"]: n for n in man["graph"]}
+    assert g["maxpool"]["op"] == "glue" and g["maxpool"]["codes_act"] == "conv1.out"
+    down = [n for n in man["graph"] if n.get("layer", "").endswith("downsample.0")]
+    assert len(down) == 3 and all(n["op"] == "layer_packed" and not n["out_act"] for n in down)
+    fused = [n for n in man["graph"] if n["op"] == "layer_packed" and n["residual"]]
+    assert len(fused) == 8 and all(n["act"] == "relu" and n["out_act"] for n in fused)
+    assert sum(n["residual"] in {d["name"] for d in down} for n in fused) == 3
+    rep = compare(q, load_packed(tmp_path / "p"), x[:2])
+    assert len(rep.layers) == 19 and rep.acc_all_equal and rep.teacher_logits_equal
+    assert rep.summary()["flip_max_tie_dist"] < TIE_TOL
