@@ -1,0 +1,114 @@
+"""Packed-model latency: packed W4A4 vs FP32 PyTorch vs PyTorch int8 (torch.ao x86/FBGEMM).
+
+For each model: a quick W4A4 quantization (per-channel min/max weight ranges, activation ranges
+from the library's search on 8 random images: latency does not depend on the values), export to
+a temporary packed folder, then :func:`pdquant_fast.deploy.bench.bench_latency` (validates the
+chosen kernel backend against the reference, then times packed, FP32 and int8 in one process).
+Rows go to ``benchmarks/results/packed_latency.jsonl`` (suite ``packed_latency``).
+
+    python benchmarks/bench_packed_latency.py --models cifar_resnet20 resnet18 --batch 1 32
+    python benchmarks/bench_packed_latency.py --device cuda --models resnet18 --batch 1 32 256
+
+The same measurement for an exported run: ``pdquant bench-latency PACKED_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import record  # noqa: E402
+from pdquant_fast.deploy import export_packed  # noqa: E402
+from pdquant_fast.deploy.bench import bench_latency  # noqa: E402
+from pdquant_fast.deploy.parity import quick_quantize  # noqa: E402
+
+COLUMNS = [
+    "model",
+    "bits",
+    "batch",
+    "threads",
+    "impl",
+    "backend",
+    "validated",
+    "median_ms",
+    "p10_ms",
+    "p90_ms",
+    "images_per_s",
+    "speedup_vs_fp32",
+]
+
+
+def build(name: str) -> tuple[torch.nn.Module, list[int]]:
+    """FP32 model (eval) and its input shape ``[C, H, W]``."""
+    if name == "resnet18":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from _torchvision import import_torchvision_models
+
+        tvm = import_torchvision_models()
+        if tvm is None:
+            raise SystemExit("torchvision is not installed: resnet18 needs its model definition")
+        torch.manual_seed(0)
+        return tvm.resnet18().eval(), [3, 224, 224]
+    from pdquant_fast.models.registry import build_model
+
+    weights = None
+    if name == "cifar_resnet20":
+        w = ROOT.parent / "shared/data/cifar10/models/akamaster_resnet/resnet20-12fca82f.th"
+        weights = w if w.is_file() else None
+    torch.manual_seed(0)
+    model, info = build_model(name, weights)
+    return model, list(info.input_size)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["cifar_resnet20", "resnet18"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--out", help="results folder (default benchmarks/results/)")
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.models:
+        model, shape = build(name)
+        gen = torch.Generator().manual_seed(0)
+        q = quick_quantize(model, torch.randn(8, *shape, generator=gen), args.w_bits, args.a_bits)
+        with tempfile.TemporaryDirectory() as tmp:
+            label = f"torchvision:{name}" if name == "resnet18" else name
+            man = export_packed(
+                q,
+                tmp,
+                fp_model=model,
+                model_info={"name": label, "input_size": shape},
+                source={"w_bits": args.w_bits, "a_bits": args.a_bits, "method": "quick"},
+            )
+            print(
+                f"{name}: packed {man['sizes']['packed_bytes']:,} bytes vs FP32 "
+                f"{man['sizes']['fp32_state_dict_bytes']:,} ({man['sizes']['ratio']:.2f}x)"
+            )
+            rows += bench_latency(
+                tmp,
+                batches=tuple(args.batch),
+                threads=args.threads,
+                warmup=args.warmup,
+                repeat=args.repeat,
+                device=args.device,
+                fp_model=model,
+            )
+    record("packed_latency", rows, device=args.device, out_dir=args.out, columns=COLUMNS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
