@@ -11,7 +11,12 @@ Bit-exactness rules (the contract in :mod:`pdquant_fast.ops.reference`), and how
   ``enable_fp_fusion=False`` (a Triton compile option in 3.6 and 3.9; the interpreter ignores it and
   numpy never fuses).
 * ``exp`` / ``pow`` (AdaRound only): on GPU libdevice ``__nv_expf`` / ``__nv_powf``, the functions
-  nvcc uses for ``expf`` / ``powf``, which is what torch's CUDA ``sigmoid`` and ``pow`` call; under
+  nvcc uses for ``expf`` / ``powf``, which is what torch's CUDA ``sigmoid`` and ``pow`` call. Their
+  bits depend on the libdevice version: Triton 3.6 bundles its own, whose ``powf`` differed in the
+  last bit from torch 2.11+cu130's for ~10% of the AdaRound backward's inputs (H200, measured).
+  So those launches link the libdevice of the CUDA toolkit torch was built with when it is
+  installed (:data:`LIBM_OPTIONS`; ``PDQUANT_LIBDEVICE`` names another file), and turn off
+  libdevice's flush-to-zero variants (torch and nvcc use the non-FTZ ones); under
   the interpreter float64 numpy then one rounding to float32 (torch's CPU kernels use SLEEF, so
   CPU results may differ from the CPU reference by an ulp there; the tests state that budget).
 """
@@ -19,6 +24,8 @@ Bit-exactness rules (the contract in :mod:`pdquant_fast.ops.reference`), and how
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import triton
 import triton.language as tl
@@ -45,6 +52,55 @@ INT64_INDEX_FROM = 2**31 - 2 * BLOCK
 
 def needs_int64(numel: int) -> bool:
     return numel >= INT64_INDEX_FROM
+
+
+def _toolkit_version(home: Path) -> tuple[int, int] | None:
+    """``(major, minor)`` of the CUDA toolkit at ``home``, from ``CUDA_VERSION`` in ``cuda.h``."""
+    try:
+        text = (home / "include" / "cuda.h").read_text(errors="replace")
+    except OSError:
+        return None
+    found = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", text)
+    if not found:
+        return None
+    v = int(found.group(1))
+    return v // 1000, (v % 1000) // 10
+
+
+def _torch_libdevice() -> str | None:
+    """Path of ``libdevice.10.bc`` of the CUDA toolkit torch was built with, if installed.
+
+    ``$PDQUANT_LIBDEVICE`` wins; else the first of ``$CUDA_HOME``, ``$CUDA_PATH``,
+    ``/usr/local/cuda-<torch.version.cuda>``, ``/usr/local/cuda`` whose ``cuda.h`` has torch's CUDA
+    major.minor. ``None``: Triton's bundled libdevice is used (exp/pow may then differ from
+    torch's by an ulp).
+    """
+    env = os.environ.get("PDQUANT_LIBDEVICE")
+    if env:
+        return env
+    import torch
+
+    want = torch.version.cuda
+    if not want:
+        return None
+    want_v = tuple(int(p) for p in want.split(".")[:2])
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    homes += [f"/usr/local/cuda-{want}", "/usr/local/cuda"]
+    for home in homes:
+        if not home:
+            continue
+        bc = Path(home) / "nvvm" / "libdevice" / "libdevice.10.bc"
+        if bc.is_file() and _toolkit_version(Path(home)) == want_v:
+            return str(bc)
+    return None
+
+
+#: The libdevice linked into the kernels that call exp/pow (None: Triton's own).
+LIBDEVICE = None if INTERPRET else _torch_libdevice()
+#: Launch options of those kernels (Triton 3.6 and 3.9 both accept them as launch keywords).
+LIBM_OPTIONS = {"enable_reflect_ftz": False}
+if LIBDEVICE is not None:
+    LIBM_OPTIONS["extern_libs"] = (("libdevice", LIBDEVICE),)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -189,6 +189,7 @@ def adaround_soft_triton(
         EXACT=EXACT_LIBM,
         BLOCK=BLOCK,
         enable_fp_fusion=False,
+        **_common.LIBM_OPTIONS,
     )
     reg = torch.empty(1, dtype=torch.float32, device=w_floor.device)
     total = c * num_p
@@ -226,6 +227,7 @@ def adaround_soft_backward_triton(
         EXACT=EXACT_LIBM,
         BLOCK=BLOCK,
         enable_fp_fusion=False,
+        **_common.LIBM_OPTIONS,
     )
     return out
 

@@ -53,7 +53,9 @@ LAYOUT_GENERAL = 2  # o = j // inner: flat = (o * C + c) * inner + j % inner
 DROP_NONE, DROP_SEED, DROP_MASK = 0, 1, 2
 
 
-@triton.jit
+# C, inner and thresh are not specialised (Triton would compile a variant for each value that is
+# 1 or a multiple of 16); per_channel stays specialised: it sets the alignment of channel starts.
+@triton.jit(do_not_specialize=["C", "inner", "thresh"])
 def _fake_quant_kernel(
     x_ptr,
     g_ptr,

@@ -28,13 +28,15 @@ BITS = (2, 3, 4, 5, 6, 7, 8)
 def assert_bit_exact(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=what or None)
+    torch.testing.assert_close(
+        got, want, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}" if what else m
+    )
 
 
 def ulp32(t: torch.Tensor) -> torch.Tensor:
     """Spacing of float32 at ``|t|`` (float64), at least the smallest subnormal."""
     a = t.abs().to(torch.float32)
-    return (torch.nextafter(a, torch.tensor(math.inf)) - a).to(torch.float64)
+    return (torch.nextafter(a, torch.full_like(a, math.inf)) - a).to(torch.float64)
 
 
 def assert_sum_budget(got, want, terms_abs_sum, n_terms, what=""):

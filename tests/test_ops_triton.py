@@ -210,8 +210,21 @@ def test_int64_index_path(monkeypatch):
 ADA_SHAPES = [(1, 1), (7, 3), (4, 127), (3, 4097), (5, 3, 3, 3)]
 
 
+def _skip_unless_torch_libm():
+    if not INTERPRET:
+        from pdquant_fast.kernels import _common
+
+        if _common.LIBDEVICE is None:
+            pytest.skip("Triton links its bundled libdevice, not torch's: exp/pow not torch's bits")
+
+
 def _exact_where_libm_agrees(shape, bits, beta, gen_seed=0):
-    """Inputs whose alphas the two libms agree on (others set to 0, where both are exact)."""
+    """Inputs whose alphas the two libms agree on (others set to 0, where both are exact).
+
+    On a GPU the kernels' exp/pow are torch's only when they link torch's libdevice
+    (``kernels/_common.py``); otherwise the exact AdaRound tests skip (tests/test_ops_gpu.py
+    checks that case against a budget)."""
+    _skip_unless_torch_libm()
     w_floor, alpha, delta, zp, b = adaround_inputs(shape, bits, "cpu", gen_seed, beta)
     alpha = torch.where(libm_agreeing(alpha, beta), alpha, torch.zeros_like(alpha))
     return [t.to(DEVICE) for t in (w_floor, alpha, delta, zp, b)]
@@ -245,6 +258,7 @@ def test_adaround_soft_backward_exact(shape, beta):
 def test_adaround_soft_all_alphas_within_libm_budget():
     """Every alpha (libms not filtered): elements the libms agree on are bit-exact; the others
     differ only by what a few-ulp exp/pow difference can cause (budgets below)."""
+    _skip_unless_torch_libm()
     shape, bits, beta = (6, 300), 4, 4.0
     w_floor, alpha, delta, zp, b = (t.to(DEVICE) for t in adaround_inputs(shape, bits, beta=beta))
     agree = libm_agreeing(alpha.cpu(), beta).to(DEVICE)
@@ -324,6 +338,32 @@ def test_mse_search_2d_through_the_op():
 
 # ------------------------------------------------------------------------------------------
 # packaging
+
+
+def test_libdevice_lookup_matches_torchs_toolkit(tmp_path, monkeypatch):
+    """The AdaRound kernels link the libdevice of the toolkit torch was built with (found by
+    CUDA_VERSION in cuda.h); another version is not used; PDQUANT_LIBDEVICE overrides."""
+    from pdquant_fast.kernels import _common
+
+    home = tmp_path / "cuda-13.0"
+    (home / "include").mkdir(parents=True)
+    (home / "nvvm" / "libdevice").mkdir(parents=True)
+    (home / "include" / "cuda.h").write_text("#pragma once\n#define CUDA_VERSION 13000\n")
+    bc = home / "nvvm" / "libdevice" / "libdevice.10.bc"
+    bc.write_bytes(b"BC")
+    monkeypatch.delenv("PDQUANT_LIBDEVICE", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert _common._toolkit_version(home) == (13, 0)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert _common._torch_libdevice() == str(bc)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    found = _common._torch_libdevice()
+    assert found != str(bc)  # a 13.0 toolkit is not torch 12.8's
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _common._torch_libdevice() is None
+    monkeypatch.setenv("PDQUANT_LIBDEVICE", "/some/libdevice.10.bc")
+    assert _common._torch_libdevice() == "/some/libdevice.10.bc"
 
 
 def test_kernels_package_imports_no_triton():
