@@ -547,7 +547,7 @@ def test_efficientnet_lite0_parity(shared_data, tmp_path):
 
 
 def test_torchvision_resnet18_structure_and_parity(tmp_path):
-    """torchvision ResNet-18 (random init, 64x64 inputs to keep it quick): the stem's max-pool
+    """torchvision ResNet-18 (random init, 32x32 inputs to keep it quick): the stem's max-pool
     runs on codes, each downsample conv is a packed op with float output feeding the fused
     conv2 + add + ReLU + quantizer; accumulators exact, teacher-forced logits bit-identical."""
     from _torchvision import import_torchvision_models
@@ -557,7 +557,7 @@ def test_torchvision_resnet18_structure_and_parity(tmp_path):
         pytest.skip("torchvision is not installed")
     torch.manual_seed(0)
     model = tvm.resnet18().eval()
-    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     q = quick_quantize(model, x, 4, 4)
     man = export_packed(q, tmp_path / "p", fp_model=model)
     g = {n["name"]: n for n in man["graph"]}
@@ -570,3 +570,46 @@ def test_torchvision_resnet18_structure_and_parity(tmp_path):
     rep = compare(q, load_packed(tmp_path / "p"), x[:2])
     assert len(rep.layers) == 19 and rep.acc_all_equal and rep.teacher_logits_equal
     assert rep.summary()["flip_max_tie_dist"] < TIE_TOL
+
+
+def test_runtime_uses_a_backend_prepack_once(small, monkeypatch):
+    """A backend offering ``<op>_prepack_<backend>`` gets each weight prepacked once per device
+    and receives the prepacked object in place of ``w``; results equal the reference path."""
+    from types import SimpleNamespace
+
+    from pdquant_fast.ops import backends
+
+    _, _, out, _, x = small
+    want = load_packed(out)(x[:2])
+    calls = {"conv_prepack": 0, "linear_prepack": 0, "conv": 0}
+
+    class Packed:
+        def __init__(self, w):
+            self.w = w
+
+    def conv_prepack(w, groups, a_bits=8):
+        calls["conv_prepack"] += 1
+        assert a_bits == 4  # the runtime passes the input quantizer's bit-width when accepted
+        return Packed(w)
+
+    def conv(x, x_zp, w, *args):
+        calls["conv"] += 1
+        assert isinstance(w, Packed)
+        return ref.qconv2d_reference(x, x_zp, w.w, *args)
+
+    fake = SimpleNamespace(
+        qconv2d_cpu=conv,
+        qconv2d_prepack_cpu=conv_prepack,
+        qlinear_cpu=lambda x, x_zp, w, *a: ref.qlinear_reference(x, x_zp, w.w, *a),
+        qlinear_prepack_cpu=lambda w: calls.__setitem__("linear_prepack", 1) or Packed(w),
+    )
+    monkeypatch.delenv("PDQUANT_KERNELS", raising=False)  # the default order picks "cpp"
+    monkeypatch.setattr(backends, "_extension", lambda: (fake, None))
+    backends._choose.cache_clear()
+    try:
+        pm = load_packed(out)
+        assert torch.equal(pm(x[:2]), want) and torch.equal(pm(x[:2]), want)
+        assert calls["conv_prepack"] == 6 and calls["conv"] == 12  # 6 packed convs, 2 runs
+    finally:
+        monkeypatch.undo()
+        backends._choose.cache_clear()

@@ -32,6 +32,7 @@ unpacked at run time as int8 offsets ``code - w_zp[o]`` (int16 for 8-bit weights
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -140,6 +141,15 @@ class ActParams(nn.Module):
         return (c.to(torch.float32) - self.zp) * self.delta
 
 
+def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (Python signature or pybind11 docstring)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin (pybind11): its docstring starts with the signature
+        first = (getattr(fn, "__doc__", None) or "").split("\n", 1)[0]
+        return f"{name}:" in first or f"{name}=" in first
+
+
 def _merge_padding(pre_pad, padding) -> tuple[list[int] | None, list[int]]:
     """Fold a static (left, right, top, bottom) zero pad into symmetric conv padding if it is
     symmetric, else return it as an explicit pre-pad and conv padding 0."""
@@ -178,6 +188,8 @@ class PackedLayer(nn.Module):
         self.register_buffer("scale", in_act.delta * w_delta)
         self.register_buffer("bias", bias.clone())
         self.x_zp = in_act.zp_int
+        self.in_bits = in_act.bits
+        self.w_bits = int(spec["w_bits"])
         self.act = PACKED_ACTS[node["act"]]
         self.out_scale = out_act.delta_value if out_act is not None else 0.0
         self.out_zp = out_act.zp_int if out_act is not None else 0
@@ -207,10 +219,14 @@ class PackedLayer(nn.Module):
             prepack = getattr(mod, f"{op}_prepack_{suffix}", None) if mod is not None else None
             if prepack is None:
                 self._prepacked[key] = None
-            elif self.kind == "conv2d":
-                self._prepacked[key] = (fn, prepack(self.w, self.groups))
             else:
-                self._prepacked[key] = (fn, prepack(self.w))
+                # optional hints a prepack may take: the activation and weight bit-widths
+                hints = {"a_bits": self.in_bits, "w_bits": self.w_bits}
+                kw = {k: v for k, v in hints.items() if _accepts(prepack, k)}
+                if self.kind == "conv2d":
+                    self._prepacked[key] = (fn, prepack(self.w, self.groups, **kw))
+                else:
+                    self._prepacked[key] = (fn, prepack(self.w, **kw))
         return self._prepacked[key]
 
     def acc(self, x: torch.Tensor) -> torch.Tensor:
