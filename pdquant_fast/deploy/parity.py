@@ -152,7 +152,7 @@ def compare(
         if not torch.equal(codes, cap[lname]["x"]):
             raise AssertionError(f"teacher forcing did not reach the input of {lname}")
         w = ql.weight().double()
-        z = ql._op(x_dq.double(), w, torch.zeros(w.shape[0], dtype=torch.float64))
+        z = ql._op(x_dq.double(), w, torch.zeros(w.shape[0], dtype=torch.float64, device=w.device))
         shape = [1, -1] + [1] * (z.dim() - 2)
         denom = in_act.delta.double() * ql.wq.delta.reshape(-1).double()
         a_sim = z / denom.reshape(shape)
