@@ -12,4 +12,4 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 PDQUANT_BENCH_OUT="$out" timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/bench_deploy_gpu.py \
     --sweep --max-s "${SECTION_MAX_S:-100}" 2>&1 | tee "$out/bench_deploy_gpu.log"
 PDQUANT_TRITON_TUNE=0 timeout "${TEST_TIMEOUT:-190}" python3 -m pytest tests/test_deploy_gpu.py \
-    -q -rs -p no:cacheprovider 2>&1 | tee "$out/test_deploy_gpu.log"
+    -q -rs -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$out/test_deploy_gpu.log"

@@ -144,11 +144,11 @@ def _qconv_gemm_kernel(
             if W16:
                 b_hi = (b >> 8).to(tl.int8)
                 b_lo = ((b & 255) - 128).to(tl.int8)
-                acc_hi = tl.dot(a, b_hi, acc_hi)
-                acc = tl.dot(a, b_lo, acc)
+                acc_hi = tl.dot(a, b_hi, acc_hi, out_dtype=tl.int32)
+                acc = tl.dot(a, b_lo, acc, out_dtype=tl.int32)
                 asum += tl.sum(a.to(tl.int32), axis=1)
             else:
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     else:
         # one flat loop over (tap, channel block): long enough for the software pipeliner
         NCB = CG // BLOCK_K
@@ -169,11 +169,11 @@ def _qconv_gemm_kernel(
             if W16:
                 b_hi = (b >> 8).to(tl.int8)
                 b_lo = ((b & 255) - 128).to(tl.int8)
-                acc_hi = tl.dot(a, b_hi, acc_hi)
-                acc = tl.dot(a, b_lo, acc)
+                acc_hi = tl.dot(a, b_hi, acc_hi, out_dtype=tl.int32)
+                acc = tl.dot(a, b_lo, acc, out_dtype=tl.int32)
                 asum += tl.sum(a.to(tl.int32), axis=1)
             else:
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     if W16:
         acc = acc_hi * 256 + acc + asum[:, None] * 128
     BC: tl.constexpr = 128 if X_XOR else 0
@@ -521,5 +521,5 @@ def qconv2d_triton(
             x.stride(1) == 1,
             str(x.device),
         )
-        config = pick_config(key, _conv_candidates(cg, og, depthwise), launch)
+        config = pick_config(key, lambda: _conv_candidates(cg, og, depthwise), launch)
     return launch(config)

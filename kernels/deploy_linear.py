@@ -80,34 +80,43 @@ _TUNED: dict = {}
 LAST_CONFIG: dict = {}
 
 
-def pick_config(key, candidates: list, launch, *, rep_ms: float = 20.0):
+def pick_config(key: tuple, candidates, launch, *, rep_ms: float = 20.0):
     """The fastest of ``candidates`` for ``key`` (timed once per key and cached), else the first.
 
-    ``launch(cfg)`` runs the kernel with ``cfg`` writing the real output (every kernel here
-    overwrites its whole output, so timing runs leave no trace). Timing happens only on a GPU,
-    not under the interpreter, and not with ``PDQUANT_TRITON_TUNE=0``. A candidate that fails to
-    compile (e.g. out of shared memory) is skipped; if all fail, the first error is raised.
+    ``candidates``: a list, or a zero-argument callable returning one (built only on a cache
+    miss, so that a cached call costs one dict look-up: the wrappers' Python time adds to the
+    latency of these microsecond kernels). ``launch(cfg)`` runs the kernel with ``cfg`` writing
+    the real output (every kernel here overwrites its whole output, so timing runs leave no
+    trace). Timing happens only on a GPU, not under the interpreter, and not with
+    ``PDQUANT_TRITON_TUNE=0`` (then the first candidate, the heuristic default, is used). A
+    candidate that fails to compile (e.g. out of shared memory) is skipped; if all fail, the
+    first error is raised.
     """
-    if len(candidates) == 1 or interpret_mode() or os.environ.get(TUNE_ENV, "1") == "0":
-        LAST_CONFIG[key[0]] = candidates[0]
-        return candidates[0]
-    if key in _TUNED:
-        LAST_CONFIG[key[0]] = _TUNED[key]
-        return _TUNED[key]
-    from triton.testing import do_bench
-
-    best, best_t, first_err = None, math.inf, None
-    for cfg in candidates:
-        try:
-            t = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=rep_ms, return_mode="median")
-        except Exception as exc:  # compile/resource failure of one candidate
-            first_err = first_err or exc
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
+    tune = not interpret_mode() and os.environ.get(TUNE_ENV, "1") != "0"
+    full_key = key + (tune,)
+    best = _TUNED.get(full_key)
     if best is None:
-        raise first_err
-    _TUNED[key] = LAST_CONFIG[key[0]] = best
+        cands = candidates() if callable(candidates) else list(candidates)
+        if len(cands) == 1 or not tune:
+            best = cands[0]
+        else:
+            from triton.testing import do_bench
+
+            best_t, first_err = math.inf, None
+            for cfg in cands:
+                try:
+                    t = do_bench(
+                        lambda cfg=cfg: launch(cfg), warmup=5, rep=rep_ms, return_mode="median"
+                    )
+                except Exception as exc:  # compile/resource failure of one candidate
+                    first_err = first_err or exc
+                    continue
+                if t < best_t:
+                    best, best_t = cfg, t
+            if best is None:
+                raise first_err
+        _TUNED[full_key] = best
+    LAST_CONFIG[key[0]] = best
     return best
 
 
@@ -231,6 +240,7 @@ def _wa16_fma_kernel(
     I0: tl.constexpr,
     EVEN_K: tl.constexpr,
     ILV: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """GEMV-style W{2,4}A16 on CUDA cores (M <= 4 rows per program, one 2-D accumulator each).
 
@@ -251,8 +261,10 @@ def _wa16_fma_kernel(
     x1 = x_ptr + ((m0 + 1) % M) * stride_xm
     x2 = x_ptr + ((m0 + 2) % M) * stride_xm
     x3 = x_ptr + ((m0 + 3) % M) * stride_xm
-    j_begin = tl.multiple_of(pid_s * words_per_split, BLOCK_KW)
-    j_end = tl.minimum(j_begin + words_per_split, KW)
+    j_begin = pid_s * words_per_split  # a multiple of BLOCK_KW (the launcher rounds it)
+    j_end = j_begin + words_per_split
+    if j_end > KW:  # (not tl.minimum: Triton 3.6's interpreter makes that a 1-element block)
+        j_end = KW
     acc0 = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
     acc1 = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
     acc2 = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
@@ -264,9 +276,25 @@ def _wa16_fma_kernel(
     sg = tl.zeros((BLOCK_N,), tl.float32)
     szg = tl.zeros((BLOCK_N,), tl.float32)
     w_cols = w_ptr + cols[None, :] * stride_wn
+    if PREFETCH:  # the first step's words; each step then loads the next one's before computing
+        jj = j_begin + offs_j
+        nxt = tl.load(w_cols + jj[:, None] * stride_wk, mask=(jj < j_end)[:, None], other=0)
+        nxt = nxt.to(tl.int32)
     for j0 in range(j_begin, j_end, BLOCK_KW):
         jj = j0 + offs_j
-        if EVEN_K:
+        if PREFETCH:
+            # register double buffering: the DRAM latency of step t+1 overlaps the math of step
+            # t (Triton's pipeliner only stages loads that feed tl.dot). The last step re-reads
+            # its own rows instead of reading past the split (no mask: vector loads stay).
+            words = nxt
+            jn = jj + BLOCK_KW
+            jn = tl.where(jn < j_end, jn, jj)
+            if EVEN_K:
+                nxt = tl.load(w_cols + jn[:, None] * stride_wk).to(tl.int32)
+            else:
+                nxt = tl.load(w_cols + jn[:, None] * stride_wk, mask=(jn < j_end)[:, None], other=0)
+                nxt = nxt.to(tl.int32)
+        elif EVEN_K:
             words = tl.load(w_cols + jj[:, None] * stride_wk).to(tl.int32)
         else:
             j_ok = jj < j_end
@@ -407,8 +435,10 @@ def _wa16_dot_kernel(
     offs_j = tl.arange(0, BLOCK_KW)
     cols = offs_n % N
     rows = offs_m % M
-    j_begin = tl.multiple_of(pid_s * words_per_split, BLOCK_KW)
-    j_end = tl.minimum(j_begin + words_per_split, KW)
+    j_begin = pid_s * words_per_split  # a multiple of BLOCK_KW (the launcher rounds it)
+    j_end = j_begin + words_per_split
+    if j_end > KW:  # (not tl.minimum: Triton 3.6's interpreter makes that a 1-element block)
+        j_end = KW
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     w_rows = w_ptr + cols[:, None] * stride_wn
     x_rows = x_ptr + rows[:, None] * stride_xm
@@ -577,6 +607,7 @@ class WA16Config:
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False  # fma only: load step t+1's words before step t's math
 
 
 @dataclass(frozen=True)
@@ -637,17 +668,17 @@ def wa16_candidates(
         bkw = min(_pow2_floor(max_kw(wb)), 64 * 8 // wb, triton.next_power_of_2(kw_of(wb)))
         bkw = block_kw or bkw
         bm = min(triton.next_power_of_2(p.m), 4)
-        for bn in (32, 64, 16):
+        for bn in (64, 32):  # 16 never won on the H200 (16384^2 sweep)
             split = _split_for(p.n, kw_of(wb), bn, bkw, sms, 4)
             fma.append(WA16Config("fma", wb, bm, bn, bkw, split, 4, 3))
         bkw = block_kw or min(_pow2_floor(max_kw(wb)), 64 * 8 // wb)
         if bkw < 16:
             continue
         bm = 16 if p.m <= 16 else (32 if p.m <= 32 else 64)
-        for bn in (64, 128):
+        for bn in (128, 64):  # 128 won every 16384^2 case on the H200
             split = _split_for(p.n, kw_of(wb), bn, bkw, sms, 2) if p.m <= 64 else 1
             dot.append(WA16Config("dot", wb, bm, bn, bkw, split, 4, 3))
-    fma.append(replace(fma[0], num_stages=4))
+    fma += [replace(c, prefetch=True) for c in fma[:2]]
     if p.m <= 4 or not dot:
         return fma + dot[:3]
     return dot + (fma[:2] if p.m <= 8 else [])
@@ -690,6 +721,7 @@ def _launch_wa16(x, views, scale, zero, y, p: _WA16Problem, cfg: WA16Config, ilv
         I0=min(23 // p.bits, epw),
         EVEN_K=kw % cfg.block_kw == 0 and p.k == kw * epw,
         ILV=ilv,
+        **({"PREFETCH": cfg.prefetch} if cfg.kernel == "fma" else {}),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -782,8 +814,11 @@ def linear_wa16_triton(
             x.dtype,
             str(x.device),
         )
-        cands = wa16_candidates(p, tuple(views), x.device, fixed_kw)
-        config = pick_config(key + (fixed_kw,), cands, launch)
+        config = pick_config(
+            key + (fixed_kw,),
+            lambda: wa16_candidates(p, tuple(views), x.device, fixed_kw),
+            launch,
+        )
     elif config.word_bits not in views or (fixed_kw and config.block_kw != fixed_kw):
         raise ValueError(
             f"linear_wa16: config reads {config.word_bits}-bit words in steps of "
@@ -854,6 +889,9 @@ def _qmm_kernel(
 ):
     """acc = sum_k (x - x_zp) * w exactly in int32 with int8 ``tl.dot``, then requantise.
 
+    Every int8 ``tl.dot`` passes ``out_dtype=tl.int32``: Triton 3.6 defaults ``out_dtype`` to
+    float32 and rejects an int32 accumulator otherwise (3.9 infers it; seen on the H200).
+
     ``X_XOR``: x is uint8 (any code 0..255) and enters the dot as x - 128 = bits(x ^ 0x80) as
     int8; else x is read through an int8 view (valid when every code is < 128, a_bits <= 7).
     With BC = 128 or 0 the offset used, sum (x - BC) w + (BC - x_zp) * wsum = sum (x - x_zp) w.
@@ -890,11 +928,11 @@ def _qmm_kernel(
         if W16:
             b_hi = (b >> 8).to(tl.int8)
             b_lo = ((b & 255) - 128).to(tl.int8)
-            acc_hi = tl.dot(a, b_hi, acc_hi)
-            acc = tl.dot(a, b_lo, acc)
+            acc_hi = tl.dot(a, b_hi, acc_hi, out_dtype=tl.int32)
+            acc = tl.dot(a, b_lo, acc, out_dtype=tl.int32)
             asum += tl.sum(a.to(tl.int32), axis=1)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if W16:
@@ -1046,7 +1084,7 @@ def run_qmm(
             residual is not None,
             str(x.device),
         ) + tuple(tune_key)
-        config = pick_config(key, qmm_candidates(m, n, k, w16), launch)
+        config = pick_config(key, lambda: qmm_candidates(m, n, k, w16), launch)
     return launch(config)
 
 
