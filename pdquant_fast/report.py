@@ -684,7 +684,7 @@ def latency_points(rows: list[dict]) -> tuple[list[LatencyPoint], int]:
             skipped += 1
             continue
         device = str(row.get("device", "?"))
-        if isinstance(row.get("threads"), int):
+        if isinstance(row.get("threads"), int) and "thread" not in device:
             device += f", {row['threads']} thread(s)"
         pts.append(
             LatencyPoint(
@@ -737,6 +737,13 @@ def _baseline_format(fmts: Iterable[str]) -> str | None:
     return None
 
 
+def _fmt_ms(ms: float) -> str:
+    """Three significant digits without exponents: 0.0123, 1.23, 12.3, 123, 1,234."""
+    if ms >= 100:
+        return f"{ms:,.0f}"
+    return f"{ms:.3g}" if ms >= 0.001 else f"{ms:.2e}"
+
+
 def latency_markdown(points: list[LatencyPoint]) -> str:
     """Per (model, device): a row per format, a column per batch size, median ms per batch and,
     where an ``fp32``/``float`` format was measured in the same rows, the speed-up over it."""
@@ -759,7 +766,7 @@ def latency_markdown(points: list[LatencyPoint]) -> str:
                 if p is None:
                     cells.append("–")
                     continue
-                cell = f"{p.median_s * 1e3:.3g}"
+                cell = _fmt_ms(p.median_s * 1e3)
                 if base and f != base and (base, b) in at:
                     cell += f" (x{at[(base, b)].median_s / p.median_s:.2f})"
                 cells.append(cell)
