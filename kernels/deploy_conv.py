@@ -17,7 +17,7 @@ the code ``x_zp``), then the fused requantisation of
   3-channel stem). The uint8 -> int8 offset and the 8-bit weight split are those of
   :func:`pdquant_fast.kernels.deploy_linear._qmm_kernel`.
 * ``_qdw_kernel``: depthwise (``C/groups == 1``, any channel multiplier), direct int32 MACs on
-  CUDA cores over a ``[BLOCK_M pixels, BLOCK_C channels]`` tile, taps unrolled (3x3, 5x5).
+  CUDA cores over a ``[BLOCK_M pixels, BLOCK_C channels]`` tile (3x3, 5x5 taps in a loop).
 
 Layout: both kernels are stride-generic (NCHW or NHWC activations, residual and output). The
 fast layout is channels-last: :func:`qconv2d_triton` converts a contiguous-NCHW ``x`` to
@@ -178,6 +178,7 @@ def _qconv_gemm_kernel(
         acc = acc_hi * 256 + acc + asum[:, None] * 128
     BC: tl.constexpr = 128 if X_XOR else 0
     oc = g * OG + ow
+    oc_st = g * OG + offs_o  # unwrapped (masked): channels-last stores stay contiguous
     wsum = tl.load(wsum_ptr + oc)
     acc = acc + (BC - x_zp) * wsum[None, :]
     scale = tl.load(scale_ptr + oc)
@@ -187,10 +188,10 @@ def _qconv_gemm_kernel(
     wo = p % WO
     res = 0.0
     if HAS_RES:
-        r_ptrs = res_ptr + (n_img * srn + ho * srh + wo * srw)[:, None] + oc[None, :] * src
+        r_ptrs = res_ptr + (n_img * srn + ho * srh + wo * srw)[:, None] + oc_st[None, :] * src
         res = tl.load(r_ptrs, mask=ok, other=0.0)
     y = _requant_epilogue(acc, scale, bias, res, ACT, HAS_RES)
-    y_ptrs = y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + oc[None, :] * syc
+    y_ptrs = y_ptr + (n_img * syn + ho * syh + wo * syw)[:, None] + oc_st[None, :] * syc
     if OUT_BITS == 0:
         tl.store(y_ptrs, y, mask=ok)
     else:
@@ -242,16 +243,19 @@ def _qdw_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Depthwise conv, output channel o reads input channel o // MULT; int32 (x - x_zp) * w.
+    """Depthwise conv, output channel o reads input channel o // MULT; exact int32 acc.
 
+    acc = sum_taps x * w - x_zp * sum_taps w (padding loads x_zp, so padded taps cancel): one
+    integer multiply-add per tap and output instead of a subtract and a multiply-add. Channels
+    are masked, not wrapped, so that channels-last rows stay contiguous (vector loads/stores).
     Reads each input byte about kh*kw/stride^2 times (L1/L2) and kh*kw weights per channel.
     """
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ow = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_ok = ow < OC
     mw = offs_m % M
-    ow = offs_o % OC
     n_img = mw // (HO * WO)
     p = mw % (HO * WO)
     ho = p // WO
@@ -261,6 +265,7 @@ def _qdw_kernel(
     c_off = (ow // MULT) * sxc
     x_base = x_ptr + n_img * sxn
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.int32)
+    wsum = tl.zeros((BLOCK_C,), tl.int32)
     for rt in range(0, KH * KW):  # a loop, not unrolled: 5x5 unrolled compiles for ~30 s
         r = rt // KW
         t = rt % KW
@@ -269,14 +274,16 @@ def _qdw_kernel(
         inb = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         xv = tl.load(
             (x_base + hi * sxh + wi * sxw)[:, None] + c_off[None, :],
-            mask=inb[:, None],
+            mask=inb[:, None] & o_ok[None, :],
             other=x_zp,
         )
-        wv = tl.load(w_ptr + ow * swo + r * swh + t * sww).to(tl.int32)
-        acc += (xv.to(tl.int32) - x_zp) * wv[None, :]
-    scale = tl.load(scale_ptr + ow)
-    bias = tl.load(bias_ptr + ow)
-    ok = (offs_m < M)[:, None] & (offs_o < OC)[None, :]
+        wv = tl.load(w_ptr + ow * swo + r * swh + t * sww, mask=o_ok, other=0).to(tl.int32)
+        wsum += wv
+        acc += xv.to(tl.int32) * wv[None, :]
+    acc = acc - x_zp * wsum[None, :]
+    scale = tl.load(scale_ptr + ow, mask=o_ok, other=0.0)
+    bias = tl.load(bias_ptr + ow, mask=o_ok, other=0.0)
+    ok = (offs_m < M)[:, None] & o_ok[None, :]
     res = 0.0
     if HAS_RES:
         r_ptrs = res_ptr + (n_img * srn + ho * srh + wo * srw)[:, None] + ow[None, :] * src
