@@ -613,3 +613,15 @@ def test_real_sweep_killed_midway_finishes_only_the_missing_job(tmp_path):
     assert (out / "summary.md").exists() and (
         out / "plots" / "calib_time_cifar_resnet8.png"
     ).exists()
+
+
+def test_committed_readme_tables_match_the_committed_results(tmp_path):
+    """README.md's generated blocks are what make_readme_tables.py makes from the committed
+    results (text only: PNG bytes depend on the matplotlib/freetype build)."""
+    import runpy
+
+    mod = runpy.run_path(str(ROOT / "benchmarks" / "make_readme_tables.py"))
+    text, _ = mod["generate"](ROOT, tmp_path)
+    assert text == (ROOT / "README.md").read_text(), (
+        "README.md is stale: run python benchmarks/make_readme_tables.py"
+    )
