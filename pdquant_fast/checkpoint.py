@@ -112,18 +112,58 @@ def model_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+#: The ops a calibration runs; the kernel backend chosen for each is part of the fingerprint.
+CALIB_OPS = (
+    "fake_quant_act",
+    "fake_quant_act_backward",
+    "adaround_soft",
+    "adaround_soft_backward",
+    "adaround_hard",
+    "mse_search_2d",
+)
+
+
+def kernel_backends(device_type: str, w_bits: int, a_bits: int) -> dict[str, str]:
+    """``{op: backend}`` that will run each calibration op (the fast kernels and the
+    reference reduce in different orders, so a resume with other kernels is not bit-identical).
+    """
+    from .ops import backends
+
+    out = {}
+    for op in CALIB_OPS:
+        names = set()
+        for bits in sorted({w_bits, a_bits, 8}):
+            try:
+                names.add(backends.choose(op, device_type, bits)[0])
+            except (backends.BackendError, KeyError) as exc:
+                names.add(f"unavailable ({exc})")
+        out[op] = "+".join(sorted(names))
+    return out
+
+
 def fingerprint(config: dict, calib: torch.Tensor, model: torch.nn.Module, units: list) -> dict:
     """Everything a calibration result depends on, as flat JSON-able keys.
 
     ``config.<field>`` for each resolved config field, ``calib_sha256``/``calib_shape`` for the
-    calibration images, ``model_sha256`` for the FP weights, ``units`` for the unit partition.
-    Not included (they do not change the result): cache mode, threads, progress, logging.
+    calibration images, ``model_sha256`` for the FP weights, ``units`` for the unit partition,
+    ``device``, ``kernels.<op>`` for the kernel backend of each op, ``torch``/``pdquant`` for the
+    software versions. Not included (they do not change the result): cache mode, progress,
+    logging. Nor the thread count: bit-identity is guaranteed for the same count (``pdquant
+    calibrate --resume`` reuses the saved ``--threads``); 1 and 2 threads gave identical
+    ResNet-20 states here, but that is not promised for every CPU and model.
     """
+    from . import __version__
+
     fp = {f"config.{k}": v for k, v in config.items()}
     fp["calib_shape"] = list(calib.shape)
     fp["calib_sha256"] = tensor_sha256(calib)
     fp["model_sha256"] = model_sha256(model)
     fp["units"] = [f"{u.name}:{u.kind}" for u in units]
+    fp["device"] = calib.device.type
+    kernels = kernel_backends(calib.device.type, config["w_bits"], config["a_bits"])
+    fp.update({f"kernels.{op}": b for op, b in kernels.items()})
+    fp["torch"] = torch.__version__
+    fp["pdquant"] = __version__
     fp["checkpoint_version"] = CHECKPOINT_VERSION
     return fp
 
