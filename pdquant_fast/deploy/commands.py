@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -59,10 +60,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         device=args.device,
         baselines=not args.no_baselines,
     )
-    try:
-        from benchmarks.common import record
-    except ImportError:
-        record = None
+    record = _recorder()
     cols = [
         "model",
         "bits",
@@ -79,8 +77,42 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     ]
     if record is not None:
         record("packed_latency", rows, device=args.device, out_dir=args.out, columns=cols)
-    else:  # installed without the repository's benchmarks/ folder: print only
+        return 0
+    # installed without the repository's benchmarks/ folder: plain JSON lines, printed table
+    import json
+    import platform
+
+    import torch
+
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "packed_latency.jsonl").open("a") as fh:
         for r in rows:
-            print({c: r.get(c) for c in cols})
-        print("benchmarks.common not importable (run from the repository root to record rows)")
+            fh.write(
+                json.dumps({**r, "torch": torch.__version__, "python": platform.python_version()})
+                + "\n"
+            )
+    for r in rows:
+        print("  ".join(f"{c}={r.get(c)}" for c in cols))
+    print(f"[packed_latency] {len(rows)} rows appended to {out / 'packed_latency.jsonl'}")
     return 0
+
+
+def _recorder():
+    """``benchmarks.common.record`` from the repository this package was installed from (an
+    editable install), or None."""
+    try:
+        from benchmarks.common import record
+
+        return record
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "common.py").is_file():
+        return None
+    sys.path.insert(0, str(root))
+    try:
+        from benchmarks.common import record
+    except ImportError:
+        return None
+    return record
