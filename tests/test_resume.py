@@ -238,16 +238,18 @@ def test_resnet20_repeated_random_kills(shared_data, tmp_path, trial):
         argv = [sys.executable, "-m", "pdquant_fast.cli", "calibrate", "--resume", str(out)]
     else:
         argv = _argv(shared_data, out, model="cifar_resnet20")
-    seen_done = []
+    seen_done, kills = [], 0
     for _ in range(3):
         if (out / "result.json").exists():
             break
         min_done = min(11, (seen_done[-1] + 1) if seen_done else 1)
         killed, _, done = _kill_at_random_moment(argv, out, rng, min_done=min_done)
+        kills += killed
         if seen_done:
             assert done >= seen_done[-1]  # progress is never lost
         seen_done.append(done)
         argv = [sys.executable, "-m", "pdquant_fast.cli", "calibrate", "--resume", str(out)]
+    assert kills >= 1, "no random kill landed before the run finished"
     if not (out / "result.json").exists():
         rc, log = _resume(out)
         assert rc == 0, log
