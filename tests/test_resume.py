@@ -369,3 +369,20 @@ def test_disk_cache_drops_resident_pages(tmp_path):
     c.trim()
     assert rss_file_kb() - before < 10_000
     assert float(t[37, 1234]) == 1.5 and float(t.sum()) == 1.5 * t.numel()  # data kept
+
+
+def test_staged_view_and_batched_into_match_plain_tensors(tmp_path):
+    """The off-device wrapper used with a GPU model (host/disk cache) indexes like the tensor,
+    and batched_into writes the same values as concatenating the batches."""
+    from pdquant_fast.cache import Staged, UnitCache, batched_into
+    from pdquant_fast.engine import batched
+
+    x = torch.randn(300, 3, 4, generator=torch.Generator().manual_seed(0))
+    s = Staged(x, torch.device("cpu"))
+    idx = torch.tensor([5, 299, 0, 5])
+    assert s.shape == x.shape and len(s) == 300 and s.dim() == 3
+    assert torch.equal(s[idx], x[idx]) and torch.equal(s[10:20], x[10:20])
+    for mode in ("device", "host", "disk"):
+        c = UnitCache(mode, torch.device("cpu"), tmp_path)
+        got = batched_into(lambda t: t.sum(-1) * 2, s, c, bs=128)
+        assert torch.equal(got, batched(lambda t: t.sum(-1) * 2, x, bs=128))
