@@ -1,0 +1,655 @@
+// qconv2d_cpu: packed low-bit 2-D convolution with int32 accumulation and fused requantisation.
+//
+// Contract (pdquant_fast/ops/library.py, deployment section):
+//   acc[n,o,p] = sum over the receptive field of (x - x_zp) * w        int32, exact
+//   y = float(acc) * scale[o] + bias[o]; (+ residual); act; float32 out or uint8 codes
+// padding = x_zp in code space. x: uint8 [N,C,H,W]; w: int8 (or int16 for 8-bit weights)
+// offsets w_code - w_zp, [O, C/groups, KH, KW].
+//
+// Entry points (pdquant_fast._C):
+//   qconv2d_cpu(x, x_zp, w, scale, bias, stride, padding, groups, act, residual, out_scale,
+//               out_zp, out_bits)
+//       w an int8/int16 tensor: prepacks on every call (correct, slower);
+//       w a QConvPackedCpu from qconv2d_prepack_cpu: uses it (what the packed runtime does)
+//   qconv2d_prepack_cpu(w, groups) -> QConvPackedCpu   once, at load time
+//   qconv2d_packed_cpu(...)                            the same as qconv2d_cpu with a blob
+//
+// Layout: x is NCHW-contiguous, or channels_last (torch.channels_last, still shape [N,C,H,W]);
+// the output takes x's memory format (channels_last in, channels_last out: no conversions).
+//
+// How it runs:
+//   * groups with C/groups > 1 (ordinary and grouped convs): implicit GEMM over a zero-point-
+//     padded NHWC copy of x (skipped for channels_last x with no padding and C % 4 == 0).
+//     Rows = 16 output pixels (two 8-row micro-kernel calls), columns = a superblock of up to
+//     48 output channels, reduction = taps x channel groups, weights prepacked into
+//     [kgroup][16 ch][4] panels (qgemm.h). 1x1, 3x3, 5x5, 7x7, any stride: the same kernel.
+//   * depthwise (groups == C == O): a dedicated kernel, vectors along 16 channels, int32
+//     multiply-add per tap.
+//   * the epilogue requantises each 16 x (<= 48) int32 tile in registers and writes NCHW (a
+//     16x16 transpose) or NHWC directly.
+// Reads x once (plus the padded copy), the weights once per 16-pixel tile (from L1/L2), writes
+// the output once (float32: 4 bytes, codes: 1 byte per element).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu/qgemm.h"
+#include "cpu/qsimd.h"
+#include "registry.h"
+
+namespace pdquant::qk {
+namespace {
+
+// Weights prepacked for this file's kernels (the blob qconv2d_prepack_cpu returns).
+struct PackedConv {
+  int64_t O = 0, Cg = 0, KH = 0, KW = 0, groups = 1, Og = 0;
+  bool depthwise = false;
+  KMode mode = KMode::kU8S8;
+  int64_t cpg = 0;      // padded channels per group in the NHWC activation buffer (elements)
+  int64_t cgroups = 0;  // 4-byte groups per tap
+  std::vector<int> sb;  // superblock sizes (blocks of 16 channels), the same for every group
+  std::vector<int64_t> sb_block0;  // first block of each superblock
+  std::vector<int64_t> sb_off;     // byte offset of each superblock in a group's panel
+  int64_t group_bytes = 0;
+  int32_t max_abs_w = 0;
+  at::Tensor panel;  // int8 bytes: [groups][superblock panels]
+  at::Tensor sumw;   // int32 [O]: sum of w over C/groups x KH x KW
+  at::Tensor dw;     // depthwise: int32 [KH*KW][round_up(C, 16)]
+  at::Tensor dw2;    // depthwise: int16 pairs (w[2i][c], w[2i+1][c]) [ceil(KH*KW/2)][...] as int32
+  at::Tensor dwq;    // depthwise, planar path: int8 quads (w[kh][4g..4g+3][c], 0 past KW) as
+                     // int32 [C][KH][ceil(KW/4)] (only when every |w| <= 127)
+
+  int64_t nbytes() const {
+    return (panel.defined() ? panel.nbytes() : 0) + (dw.defined() ? dw.nbytes() : 0) +
+           (dw2.defined() ? dw2.nbytes() : 0) + (dwq.defined() ? dwq.nbytes() : 0) +
+           sumw.nbytes();
+  }
+};
+
+void check(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("qconv2d: " + msg);
+}
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
+  check(w_in.dim() == 4, "w must be 4-d [O, C/groups, KH, KW], got " + shape_str(w_in));
+  check(w_in.scalar_type() == at::kChar || w_in.scalar_type() == at::kShort,
+        std::string("w must be int8 (weight bits <= 7) or int16 (8-bit weights) offsets "
+                    "w_code - w_zp, got ") +
+            std::string(c10::toString(w_in.scalar_type())));
+  check(w_in.device().is_cpu(), "w must be a CPU tensor");
+  check(groups >= 1, "groups must be >= 1, got " + std::to_string(groups));
+  const at::Tensor w = w_in.to(at::kInt).contiguous();
+  auto pk = std::make_shared<PackedConv>();
+  pk->O = w.size(0);
+  pk->Cg = w.size(1);
+  pk->KH = w.size(2);
+  pk->KW = w.size(3);
+  pk->groups = groups;
+  check(pk->O > 0 && pk->Cg > 0 && pk->KH > 0 && pk->KW > 0, "w has an empty dimension");
+  check(pk->O % groups == 0, "O = " + std::to_string(pk->O) + " is not divisible by groups = " +
+                                 std::to_string(groups));
+  pk->Og = pk->O / groups;
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const int64_t K = pk->Cg * pk->KH * pk->KW;
+  const int64_t ntaps = pk->KH * pk->KW;
+  pk->sumw = at::empty({pk->O}, at::kInt);
+  int32_t* sw = pk->sumw.data_ptr<int32_t>();
+  int32_t mx = 0, lo = 0, hi = 0;
+  for (int64_t o = 0; o < pk->O; ++o) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t v = wp[o * K + k];
+      s += v;
+      mx = std::max(mx, std::abs(v));
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    sw[o] = s;
+  }
+  pk->max_abs_w = mx;
+  const bool fits_int8 = lo >= -128 && hi <= 127;  // int16 offsets of 8-bit weights often do
+  pk->depthwise = pk->Cg == 1 && pk->Og == 1;
+  if (pk->depthwise) {
+    const int64_t ct = round_up(pk->O, kBlock);
+    pk->dw = at::zeros({ntaps, ct}, at::kInt);
+    int32_t* d = pk->dw.data_ptr<int32_t>();
+    for (int64_t c = 0; c < pk->O; ++c)
+      for (int64_t t = 0; t < ntaps; ++t) d[t * ct + c] = wp[c * ntaps + t];
+    pk->dw2 = at::zeros({(ntaps + 1) / 2, ct}, at::kInt);
+    int32_t* d2 = pk->dw2.data_ptr<int32_t>();
+    for (int64_t c = 0; c < pk->O; ++c)
+      for (int64_t t = 0; t < ntaps; ++t) {
+        const int16_t v = static_cast<int16_t>(wp[c * ntaps + t]);
+        std::memcpy(reinterpret_cast<int16_t*>(d2 + (t / 2) * ct + c) + (t % 2), &v, 2);
+      }
+    if (fits_int8) {
+      const int64_t ntg = (pk->KW + 3) / 4;
+      pk->dwq = at::zeros({pk->O, pk->KH, ntg}, at::kInt);
+      int8_t* q = reinterpret_cast<int8_t*>(pk->dwq.data_ptr<int32_t>());
+      for (int64_t c = 0; c < pk->O; ++c)
+        for (int64_t kh = 0; kh < pk->KH; ++kh)
+          for (int64_t kw = 0; kw < pk->KW; ++kw)
+            q[((c * pk->KH + kh) * ntg + kw / 4) * 4 + kw % 4] =
+                static_cast<int8_t>(wp[(c * pk->KH + kh) * pk->KW + kw]);
+    }
+    return pk;
+  }
+  pk->mode = fits_int8 ? KMode::kU8S8 : KMode::kS16;
+  const int64_t per = pk->mode == KMode::kU8S8 ? 4 : 2;  // channels per 4-byte group
+  pk->cpg = round_up(pk->Cg, per);
+  pk->cgroups = pk->cpg / per;
+  const int64_t nblocks = (pk->Og + kBlock - 1) / kBlock;
+  pk->sb = superblocks(nblocks);
+  int64_t off = 0, b0 = 0;
+  for (int s : pk->sb) {
+    pk->sb_block0.push_back(b0);
+    pk->sb_off.push_back(off);
+    off += ntaps * pk->cgroups * 64 * s;
+    b0 += s;
+  }
+  pk->group_bytes = off;
+  pk->panel = at::zeros({groups * off}, at::kChar);
+  int8_t* panel = pk->panel.data_ptr<int8_t>();
+  for (int64_t g = 0; g < groups; ++g)
+    for (size_t s = 0; s < pk->sb.size(); ++s) {
+      int8_t* dst = panel + g * off + pk->sb_off[s];
+      const int jb = pk->sb[s];
+      for (int64_t t = 0; t < ntaps; ++t)
+        for (int64_t cgi = 0; cgi < pk->cgroups; ++cgi)
+          for (int j = 0; j < jb; ++j)
+            for (int oo = 0; oo < kBlock; ++oo) {
+              const int64_t og = (pk->sb_block0[s] + j) * kBlock + oo;  // channel in group
+              int8_t* d = dst + ((t * pk->cgroups + cgi) * jb + j) * 64 + oo * 4;
+              for (int e = 0; e < per; ++e) {
+                const int64_t c = cgi * per + e;
+                const int32_t v = (og < pk->Og && c < pk->Cg)
+                                      ? wp[((g * pk->Og + og) * pk->Cg + c) * ntaps + t]
+                                      : 0;
+                if (per == 4) {
+                  d[e] = static_cast<int8_t>(v);
+                } else {
+                  const int16_t v16 = static_cast<int16_t>(v);
+                  std::memcpy(d + 2 * e, &v16, 2);
+                }
+              }
+            }
+    }
+  return pk;
+}
+
+// ---------------------------------------------------------------------------------------------
+// depthwise: c[r][0..16) = sum_t x[pixel r + tap t][16 channels] * w[t][16 channels]
+
+void dw_tile_scalar(const uint8_t* const* a, int64_t c0, const int64_t* toff, int ntaps,
+                    const int32_t* w, int64_t wstride, int32_t* c) {
+  for (int r = 0; r < kTileRows; ++r)
+    for (int i = 0; i < kBlock; ++i) {
+      int32_t s = 0;
+      for (int t = 0; t < ntaps; ++t) s += int32_t(a[r][c0 + toff[t] + i]) * w[t * wstride + i];
+      c[r * kBlock + i] = s;
+    }
+}
+
+#ifdef PDQ_X86
+// Taps in pairs with vpdpwssd: the bytes of taps t and t+1 for 16 channels are interleaved
+// (punpcklbw/punpckhbw) and zero-extended to int16 pairs, so one vpdpwssd does 32 MACs against
+// the prepacked int16 weight pairs (w[t][c], w[t+1][c]). Measured on Zen 4 (EfficientNet-Lite0
+// 144-channel 56x56 layer, 1 thread): 2x faster than vpmovzxbd + vpmulld + vpaddd per tap.
+PDQ_VNNI void dw_tile_vnni(const uint8_t* const* a, int64_t c0, const int64_t* toff, int ntaps,
+                           const int32_t* w2, int64_t wstride, int32_t* c) {
+  __m512i acc[kTileRows];
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileRows; ++r) acc[r] = _mm512_setzero_si512();
+  for (int t = 0; t < ntaps; t += 2) {
+    const __m512i wv = _mm512_loadu_si512(w2 + (t / 2) * wstride);
+    const int64_t o0 = c0 + toff[t];
+    const int64_t o1 = c0 + toff[t + 1 < ntaps ? t + 1 : t];  // odd count: weight 0
+#pragma GCC unroll 16
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m128i x0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a[r] + o0));
+      const __m128i x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a[r] + o1));
+      const __m256i xi =
+          _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(x0, x1)),
+                                  _mm_unpackhi_epi8(x0, x1), 1);
+      acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepu8_epi16(xi), wv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kTileRows; ++r) _mm512_storeu_si512(c + r * kBlock, acc[r]);
+}
+
+PDQ_AVX2 void dw_tile_avx2(const uint8_t* const* a, int64_t c0, const int64_t* toff, int ntaps,
+                           const int32_t* w, int64_t wstride, int32_t* c) {
+  for (int half = 0; half < 2; ++half) {
+    __m256i acc[kTileRows];
+    for (int r = 0; r < kTileRows; ++r) acc[r] = _mm256_setzero_si256();
+    for (int t = 0; t < ntaps; ++t) {
+      const __m256i wv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + t * wstride + 8 * half));
+      const int64_t o = c0 + toff[t] + 8 * half;
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m256i xv =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a[r] + o)));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_mullo_epi32(xv, wv));
+      }
+    }
+    for (int r = 0; r < kTileRows; ++r)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kBlock + 8 * half), acc[r]);
+  }
+}
+#endif
+
+#ifdef PDQ_X86
+// Planar depthwise (NCHW input), requantisation fused: channels c0 .. c0 + nch - 1 (nch <= 4)
+// of one image, 16 consecutive outputs of a row per zmm. For kernel row kh one 64-byte load
+// covers the 16 receptive fields (15 * sw + KW <= 64); vpermb spreads it into 4-tap windows
+// (dword j = bytes j * sw + 4g .. + 3 = taps 4g .. 4g + 3) and one vpdpbusd against the
+// broadcast int8 taps adds 16 x 4 MACs. A 3x3 layer takes 3 x (load, vpermb, vpdpbusd) per 16
+// outputs (the NHWC kernel: 5 tap pairs x 7 instructions) and writes NCHW without transposes.
+// planes[ci]: zero-point-padded [Hp][wb] bytes (+64 bytes of slack after the last row).
+template <bool CODES, bool RES, int ACT>
+PDQ_VBMI void dw_planar_t(const uint8_t* const* planes, int nch, int64_t wb, int64_t sh,
+                          int64_t sw, int KH, int ntg, const uint8_t* idx, const int32_t* wq,
+                          const Epilogue& e, int64_t c0, int64_t out0, int64_t P, int64_t Ho,
+                          int64_t Wo) {
+  __m512i ix[4];
+  for (int g = 0; g < ntg; ++g) ix[g] = _mm512_loadu_si512(idx + 64 * g);
+  __m512i zs[4];
+  __m512 sc[4], bi[4];
+  const uint8_t* pl[4];
+  const int32_t* w[4];
+  for (int ci = 0; ci < 4; ++ci) {
+    const int cc = ci < nch ? ci : nch - 1;  // a short block repeats its last channel
+    zs[ci] = _mm512_set1_epi32(e.x_zp * e.sumw[c0 + cc]);
+    sc[ci] = _mm512_set1_ps(e.scale[c0 + cc]);
+    bi[ci] = _mm512_set1_ps(e.bias[c0 + cc]);
+    pl[ci] = planes[cc];
+    w[ci] = wq + cc * KH * ntg;
+  }
+  const __m512 vs = _mm512_set1_ps(e.out_scale), vzp = _mm512_set1_ps(e.out_zp);
+  const __m512 vqmax = _mm512_set1_ps(e.qmax);
+  for (int64_t oh = 0; oh < Ho; ++oh)
+    for (int64_t ow0 = 0; ow0 < Wo; ow0 += 16) {
+      const int64_t npix = std::min<int64_t>(16, Wo - ow0);
+      const __mmask16 k = npix == 16 ? 0xFFFF : static_cast<__mmask16>((1u << npix) - 1);
+      const int64_t row0 = oh * sh * wb + ow0 * sw;
+      const int64_t o = out0 + oh * Wo + ow0;  // channel c0's output index
+      __m512i acc[4];
+#pragma GCC unroll 4
+      for (int ci = 0; ci < 4; ++ci) acc[ci] = _mm512_setzero_si512();
+      for (int kh = 0; kh < KH; ++kh)
+#pragma GCC unroll 4
+        for (int ci = 0; ci < 4; ++ci) {
+          const __m512i xv = _mm512_loadu_si512(pl[ci] + row0 + kh * wb);
+          for (int g = 0; g < ntg; ++g)
+            acc[ci] = _mm512_dpbusd_epi32(acc[ci], _mm512_permutexvar_epi8(ix[g], xv),
+                                          _mm512_set1_epi32(w[ci][kh * ntg + g]));
+        }
+      __m512 y[4];
+#pragma GCC unroll 4
+      for (int ci = 0; ci < 4; ++ci)
+        y[ci] = yvec<RES, ACT>(_mm512_sub_epi32(acc[ci], zs[ci]), sc[ci], bi[ci],
+                               RES ? e.residual + o + (ci < nch ? ci : nch - 1) * P : nullptr, k);
+      if constexpr (CODES) {
+        store_lanes(static_cast<uint8_t*>(e.out) + o, P,
+                    narrow4(qvec(y[0], vs, vzp, vqmax), qvec(y[1], vs, vzp, vqmax),
+                            qvec(y[2], vs, vzp, vqmax), qvec(y[3], vs, vzp, vqmax)),
+                    nch, k);
+      } else {
+        for (int ci = 0; ci < nch; ++ci)
+          store_f32(static_cast<float*>(e.out) + o + ci * P, y[ci], k);
+      }
+    }
+}
+
+void dw_planar(const uint8_t* const* planes, int nch, int64_t wb, int64_t sh, int64_t sw, int KH,
+               int ntg, const uint8_t* idx, const int32_t* wq, const Epilogue& e, int64_t c0,
+               int64_t out0, int64_t P, int64_t Ho, int64_t Wo) {
+  PDQ_EPI_DISPATCH(dw_planar_t, planes, nch, wb, sh, sw, KH, ntg, idx, wq, e, c0, out0, P, Ho,
+                   Wo);
+}
+#endif
+
+// w: int32 [ntaps][wstride]; w2: int16 pairs [ceil(ntaps / 2)][wstride] (AVX-512 path).
+void dw_tile(Isa isa, const uint8_t* const* a, int64_t c0, const int64_t* toff, int ntaps,
+             const int32_t* w, const int32_t* w2, int64_t wstride, int32_t* c) {
+#ifdef PDQ_X86
+  if (isa == Isa::kAvx512Vnni) return dw_tile_vnni(a, c0, toff, ntaps, w2, wstride, c);
+  if (isa == Isa::kAvx2) return dw_tile_avx2(a, c0, toff, ntaps, w, wstride, c);
+#endif
+  dw_tile_scalar(a, c0, toff, ntaps, w, wstride, c);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Pointers of tile rows r = pixels p0 + r (rows >= `rows` repeat the last valid one), without a
+// division per row: (oh, ow) walks the output row-major.
+template <typename F>
+inline void row_pointers(const uint8_t** ptr, int rows, int64_t p0, int64_t Wo, F&& at) {
+  int64_t oh = p0 / Wo, ow = p0 % Wo;
+  for (int r = 0; r < kTileRows; ++r) {
+    ptr[r] = r < rows ? at(oh, ow) : ptr[rows - 1];
+    if (++ow == Wo) {
+      ow = 0;
+      ++oh;
+    }
+  }
+}
+
+std::vector<int64_t> pair_arg(const std::vector<int64_t>& v, const char* name) {
+  check(v.size() == 2 || v.size() == 1, std::string(name) + " must have 2 entries, got " +
+                                            std::to_string(v.size()));
+  return v.size() == 2 ? v : std::vector<int64_t>{v[0], v[0]};
+}
+
+at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const at::Tensor& scale,
+               const at::Tensor& bias, const std::vector<int64_t>& stride_in,
+               const std::vector<int64_t>& padding_in, int64_t groups, int64_t act,
+               const std::optional<at::Tensor>& residual, double out_scale, int64_t out_zp,
+               int64_t out_bits) {
+  check(x_in.dim() == 4, "x must be 4-d [N, C, H, W] uint8 codes, got " + shape_str(x_in));
+  check(x_in.scalar_type() == at::kByte, std::string("x must be uint8 activation codes, got ") +
+                                             std::string(c10::toString(x_in.scalar_type())));
+  check(x_in.device().is_cpu(), "x must be a CPU tensor");
+  check(groups == pk.groups, "groups = " + std::to_string(groups) +
+                                 " but the weights were prepacked for groups = " +
+                                 std::to_string(pk.groups));
+  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  check(C == pk.Cg * groups, "x has C = " + std::to_string(C) + " channels but w expects " +
+                                 std::to_string(pk.Cg) + " x groups " + std::to_string(groups));
+  check(0 <= x_zp && x_zp <= 255, "x_zp must be a uint8 code 0..255, got " + std::to_string(x_zp));
+  check(act >= 0 && act <= 2, "act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got " +
+                                  std::to_string(act));
+  check(out_bits == 0 || (out_bits >= 2 && out_bits <= 8),
+        "out_bits must be 0 (float32 output) or 2..8 (uint8 codes), got " +
+            std::to_string(out_bits));
+  if (out_bits > 0)
+    check(std::isfinite(out_scale) && out_scale > 0,
+          "out_scale must be finite and > 0 for code output, got " + std::to_string(out_scale));
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&bias, "bias"}}) {
+    check(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == pk.O &&
+              t->is_contiguous() && t->device().is_cpu(),
+          std::string(name) + " must be a contiguous float32 CPU tensor [O = " +
+              std::to_string(pk.O) + "], got " + c10::toString(t->scalar_type()) + " " +
+              shape_str(*t));
+  }
+  const auto stride = pair_arg(stride_in, "stride");
+  const auto padding = pair_arg(padding_in, "padding");
+  const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];
+  check(sh >= 1 && sw >= 1, "stride must be >= 1");
+  check(ph >= 0 && pw >= 0, "padding must be >= 0");
+  const int64_t Ho = (H + 2 * ph - pk.KH) / sh + 1, Wo = (W + 2 * pw - pk.KW) / sw + 1;
+  check(H + 2 * ph >= pk.KH && W + 2 * pw >= pk.KW,
+        "the padded input is smaller than the kernel");
+
+  const bool nhwc = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt);
+  const int64_t O = pk.O, P = Ho * Wo;
+  at::Tensor out = at::empty({N, O, Ho, Wo},
+                             x.options().dtype(out_bits ? at::kByte : at::kFloat), fmt);
+  at::Tensor res;
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    check(r.scalar_type() == at::kFloat && r.device().is_cpu(),
+          "residual must be a float32 CPU tensor");
+    check(r.sizes() == out.sizes(), "residual must have the output's shape " + shape_str(out) +
+                                        ", got " + shape_str(r));
+    res = r.contiguous(fmt);
+  }
+  if (N == 0 || P == 0) return out;
+
+  const Isa isa = active_isa();
+  Epilogue e;
+  e.x_zp = static_cast<int32_t>(x_zp);
+  e.sumw = pk.sumw.data_ptr<int32_t>();
+  e.scale = scale.data_ptr<float>();
+  e.bias = bias.data_ptr<float>();
+  e.residual = res.defined() ? res.data_ptr<float>() : nullptr;
+  e.act = static_cast<int>(act);
+  e.out_scale = static_cast<float>(out_scale);
+  e.out_zp = static_cast<float>(out_zp);
+  e.out_bits = static_cast<int>(out_bits);
+  e.qmax = out_bits ? static_cast<float>((1 << out_bits) - 1) : 0.f;
+  e.out = out.data_ptr();
+
+  // Output addressing of a tile: (row r = pixel p0 + r, channel o0 + j).
+  auto dst = [&](int64_t n, int64_t p0, int64_t o0, int rows, int cols) {
+    TileDst d;
+    if (nhwc) {
+      d = {(n * P + p0) * O + o0, O, 1, o0, rows, cols, 0};
+    } else {
+      d = {(n * O + o0) * P + p0, 1, P, o0, rows, cols, 0};
+    }
+    return d;
+  };
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const int64_t ntaps = pk.KH * pk.KW;
+  const int64_t ntiles = (P + kTileRows - 1) / kTileRows;
+
+#ifdef PDQ_X86
+  const int64_t ntg = (pk.KW + 3) / 4;
+  if (pk.depthwise && !nhwc && isa == Isa::kAvx512Vnni && has_vbmi() && pk.dwq.defined() &&
+      15 * sw + 4 * ntg <= 64) {
+    // Zero-point-padded planes; 64 bytes of slack after the last row for the 64-byte loads
+    // (a load past a row's end reads the next row: lanes that are discarded).
+    const int64_t wb = Wp, plane = Hp * wb + 64;
+    std::vector<uint8_t> idx(64 * ntg);
+    for (int64_t g = 0; g < ntg; ++g)
+      for (int64_t j = 0; j < 16; ++j)
+        for (int64_t q = 0; q < 4; ++q) idx[64 * g + 4 * j + q] = (j * sw + 4 * g + q) & 63;
+    const int32_t* wq = pk.dwq.data_ptr<int32_t>();
+    const uint8_t* xs = x.data_ptr<uint8_t>();
+    const int64_t ncb = (C + 3) / 4;
+    at::parallel_for(0, N * ncb, 1, [&](int64_t b, int64_t en) {
+      std::vector<uint8_t> buf(4 * plane);
+      for (int64_t it = b; it < en; ++it) {
+        const int64_t n = it / ncb, c0 = (it % ncb) * 4;
+        const int nch = static_cast<int>(std::min<int64_t>(4, C - c0));
+        const uint8_t* planes[4];
+        for (int ci = 0; ci < nch; ++ci) {
+          uint8_t* pl = buf.data() + ci * plane;
+          const uint8_t* src = xs + ((n * C + c0 + ci) * H) * W;
+          if (ph > 0) std::memset(pl, static_cast<int>(x_zp), ph * wb);
+          for (int64_t h = 0; h < H; ++h) {
+            uint8_t* row = pl + (h + ph) * wb;
+            if (pw > 0) {
+              std::memset(row, static_cast<int>(x_zp), pw);
+              std::memset(row + pw + W, static_cast<int>(x_zp), pw);
+            }
+            std::memcpy(row + pw, src + h * W, W);
+          }
+          std::memset(pl + (H + ph) * wb, static_cast<int>(x_zp), plane - (H + ph) * wb);
+          planes[ci] = pl;
+        }
+        dw_planar(planes, nch, wb, sh, sw, static_cast<int>(pk.KH), static_cast<int>(ntg),
+                  idx.data(), wq + c0 * pk.KH * ntg, e, c0, (n * C + c0) * P, P, Ho, Wo);
+      }
+    });
+    return out;
+  }
+#endif
+  if (pk.depthwise) {
+    const int64_t ct = round_up(C, kBlock);
+    at::Tensor buf = at::empty({N, Hp, Wp, ct}, at::kByte);
+    uint8_t* xp = buf.data_ptr<uint8_t>();
+    const uint8_t* xs = x.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
+      for (int64_t n = b; n < en; ++n)
+        pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, C, C, ct,
+                    static_cast<uint8_t>(x_zp), false, xp + n * Hp * Wp * ct);
+    });
+    std::vector<int64_t> toff(ntaps);
+    for (int64_t kh = 0; kh < pk.KH; ++kh)
+      for (int64_t kw = 0; kw < pk.KW; ++kw) toff[kh * pk.KW + kw] = (kh * Wp + kw) * ct;
+    const int64_t ncb = ct / kBlock;
+    const int32_t* dww = pk.dw.data_ptr<int32_t>();
+    const int32_t* dw2 = pk.dw2.data_ptr<int32_t>();
+    at::parallel_for(0, N * ntiles, 1, [&](int64_t b, int64_t en) {
+      alignas(64) int32_t cbuf[kTileRows * kBlock];
+      const uint8_t* a[kTileRows];
+      for (int64_t it = b; it < en; ++it) {
+        const int64_t tile = it % ntiles, n = it / ntiles;
+        const int64_t p0 = tile * kTileRows;
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, P - p0));
+        row_pointers(a, rows, p0, Wo, [&](int64_t oh, int64_t ow) {
+          return xp + ((n * Hp + oh * sh) * Wp + ow * sw) * ct;
+        });
+        for (int64_t cb = 0; cb < ncb; ++cb) {
+          dw_tile(isa, a, cb * kBlock, toff.data(), static_cast<int>(ntaps), dww + cb * kBlock,
+                  dw2 + cb * kBlock, ct, cbuf);
+          const int cols = static_cast<int>(std::min<int64_t>(kBlock, C - cb * kBlock));
+          epilogue(isa, e, cbuf, kBlock, dst(n, p0, cb * kBlock, rows, cols));
+        }
+      }
+    });
+    return out;
+  }
+
+  // Implicit GEMM over a padded NHWC buffer.
+  const bool s16 = pk.mode == KMode::kS16;
+  const int64_t elem = s16 ? 2 : 1;
+  const int64_t ct = groups * pk.cpg;  // elements per buffer pixel
+  const uint8_t* xp;
+  at::Tensor buf;
+  if (nhwc && ph == 0 && pw == 0 && !s16 && ct == C) {
+    xp = x.data_ptr<uint8_t>();  // channels_last, no padding, C % 4 == 0: use x directly
+  } else {
+    buf = at::empty({N * Hp * Wp * ct * elem}, at::kByte);
+    uint8_t* bp = buf.data_ptr<uint8_t>();
+    const uint8_t* xs = x.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
+      for (int64_t n = b; n < en; ++n)
+        pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, pk.Cg, pk.cpg, ct,
+                    static_cast<uint8_t>(x_zp), s16, bp + n * Hp * Wp * ct * elem);
+    });
+    xp = bp;
+  }
+  // With one group a kernel row's KW taps are contiguous in the buffer (pixel after pixel, ct
+  // channels each) and in the panel's k order (kh, kw, c): one "tap" per kernel row then.
+  const bool merge_kw = groups == 1;
+  const int64_t ntap_eff = merge_kw ? pk.KH : ntaps;
+  const int64_t cgroups_eff = merge_kw ? pk.cgroups * pk.KW : pk.cgroups;
+  std::vector<int64_t> toff(ntaps);
+  for (int64_t kh = 0; kh < pk.KH; ++kh)
+    for (int64_t kw = 0; kw < pk.KW; ++kw) toff[kh * pk.KW + kw] = (kh * Wp + kw) * ct * elem;
+  if (merge_kw)
+    for (int64_t kh = 0; kh < pk.KH; ++kh) toff[kh] = kh * Wp * ct * elem;
+  const int64_t nsb = static_cast<int64_t>(pk.sb.size());
+  const int8_t* panel = pk.panel.data_ptr<int8_t>();
+  const bool wide = pk.max_abs_w > 64;
+  constexpr int64_t ldc = kBlock * kMaxJB;
+  // Items ordered (group, superblock) outermost: each thread works through whole weight
+  // panels (<= 48 channels x K bytes, L2-resident) while the pixels stream.
+  at::parallel_for(0, groups * nsb * N * ntiles, 1, [&](int64_t b, int64_t en) {
+    alignas(64) int32_t cbuf[kTileRows * ldc];
+    const uint8_t* rowp[kTileRows];
+    for (int64_t it = b; it < en; ++it) {
+      const int64_t tile = it % ntiles;
+      const int64_t n = (it / ntiles) % N;
+      const int64_t s = (it / (ntiles * N)) % nsb;
+      const int64_t g = it / (ntiles * N * nsb);
+      const int64_t p0 = tile * kTileRows;
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, P - p0));
+      row_pointers(rowp, rows, p0, Wo, [&](int64_t oh, int64_t ow) {
+        return xp + (((n * Hp + oh * sh) * Wp + ow * sw) * ct + g * pk.cpg) * elem;
+      });
+      UkArgs u;
+      u.toff = toff.data();
+      u.ntaps = static_cast<int>(ntap_eff);
+      u.cgroups = cgroups_eff;
+      u.w = panel + g * pk.group_bytes + pk.sb_off[s];
+      u.jb = pk.sb[s];
+      u.ldc = ldc;
+      u.mode = pk.mode;
+      u.wide = wide;
+      for (int half = 0; half * kMR < rows; ++half) {
+        for (int m = 0; m < kMR; ++m) u.a[m] = rowp[half * kMR + m];
+        u.mr = std::min(kMR, rows - half * kMR);
+        u.c = cbuf + half * kMR * ldc;
+        ukernel(isa, u);
+      }
+      const int64_t oc0 = pk.sb_block0[s] * kBlock;  // channel within the group
+      const int cols = static_cast<int>(std::min<int64_t>(kBlock * u.jb, pk.Og - oc0));
+      epilogue(isa, e, cbuf, ldc, dst(n, p0, g * pk.Og + oc0, rows, cols));
+    }
+  });
+  return out;
+}
+
+at::Tensor qconv2d_cpu(const at::Tensor& x, int64_t x_zp, const at::Tensor& w,
+                       const at::Tensor& scale, const at::Tensor& bias,
+                       const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                       int64_t groups, int64_t act, const std::optional<at::Tensor>& residual,
+                       double out_scale, int64_t out_zp, int64_t out_bits) {
+  const auto pk = prepack(w, groups);
+  return run(*pk, x, x_zp, scale, bias, stride, padding, groups, act, residual, out_scale,
+             out_zp, out_bits);
+}
+
+at::Tensor qconv2d_packed_cpu(const at::Tensor& x, int64_t x_zp, const PackedConv& pk,
+                              const at::Tensor& scale, const at::Tensor& bias,
+                              const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, int64_t groups, int64_t act,
+                              const std::optional<at::Tensor>& residual, double out_scale,
+                              int64_t out_zp, int64_t out_bits) {
+  return run(pk, x, x_zp, scale, bias, stride, padding, groups, act, residual, out_scale, out_zp,
+             out_bits);
+}
+
+void register_qconv(pybind11::module_& m) {
+  namespace py = pybind11;
+  py::class_<PackedConv, std::shared_ptr<PackedConv>>(
+      m, "QConvPackedCpu",
+      "Conv weights prepacked by qconv2d_prepack_cpu for qconv2d_packed_cpu (opaque).")
+      .def_readonly("out_channels", &PackedConv::O)
+      .def_readonly("in_channels_per_group", &PackedConv::Cg)
+      .def_readonly("kh", &PackedConv::KH)
+      .def_readonly("kw", &PackedConv::KW)
+      .def_readonly("groups", &PackedConv::groups)
+      .def_readonly("depthwise", &PackedConv::depthwise)
+      .def_property_readonly("int16", [](const PackedConv& p) { return p.mode == KMode::kS16; })
+      .def_property_readonly("nbytes", &PackedConv::nbytes)
+      .def("__repr__", [](const PackedConv& p) {
+        return "QConvPackedCpu(O=" + std::to_string(p.O) + ", C/g=" + std::to_string(p.Cg) +
+               ", k=" + std::to_string(p.KH) + "x" + std::to_string(p.KW) +
+               ", groups=" + std::to_string(p.groups) +
+               (p.depthwise ? ", depthwise" : p.mode == KMode::kS16 ? ", int16" : ", int8") +
+               ")";
+      });
+  m.def("qconv2d_cpu", &qconv2d_cpu, py::arg("x"), py::arg("x_zp"), py::arg("w"),
+        py::arg("scale"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+        py::arg("groups"), py::arg("act"), py::arg("residual"), py::arg("out_scale"),
+        py::arg("out_zp"), py::arg("out_bits"),
+        "pdquant::qconv2d on CPU (prepacks w on every call; use qconv2d_prepack_cpu + "
+        "qconv2d_packed_cpu at load time / run time)");
+  // The packed runtime (pdquant_fast.deploy.runtime) passes the prepacked blob in place of w to
+  // qconv2d_cpu itself: the same name accepts either.
+  m.def("qconv2d_cpu", &qconv2d_packed_cpu, py::arg("x"), py::arg("x_zp"), py::arg("w"),
+        py::arg("scale"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+        py::arg("groups"), py::arg("act"), py::arg("residual"), py::arg("out_scale"),
+        py::arg("out_zp"), py::arg("out_bits"));
+  m.def("qconv2d_prepack_cpu", &prepack, py::arg("w"), py::arg("groups"),
+        "prepack int8/int16 conv weight offsets [O, C/groups, KH, KW] for qconv2d_packed_cpu");
+  m.def("qconv2d_packed_cpu", &qconv2d_packed_cpu, py::arg("x"), py::arg("x_zp"),
+        py::arg("packed"), py::arg("scale"), py::arg("bias"), py::arg("stride"),
+        py::arg("padding"), py::arg("groups"), py::arg("act"), py::arg("residual"),
+        py::arg("out_scale"), py::arg("out_zp"), py::arg("out_bits"),
+        "qconv2d_cpu with weights from qconv2d_prepack_cpu (same arguments, w -> packed)");
+}
+
+}  // namespace
+}  // namespace pdquant::qk
+
+PDQ_REGISTER(pdquant::qk::register_qconv);

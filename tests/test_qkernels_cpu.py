@@ -1,0 +1,316 @@
+"""C++ CPU kernels of the deployment ops ``qconv2d`` / ``qlinear`` (``csrc/cpu/q*.cpp``).
+
+Every kernel is compared with the exact references in :mod:`pdquant_fast.ops.reference`
+(integer accumulation in float64, then the op-for-op float32 requantisation) with
+``torch.equal``: uint8 output codes, float32 outputs and the int32 accumulators are bit-exact,
+on every ISA level this CPU has (AVX-512 VNNI, AVX2, scalar; forced with
+``qkernels_set_isa_cpu`` / ``PDQUANT_CPU_ISA``), for NCHW and channels_last inputs, the
+on-the-fly and the prepacked entry points.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pdquant_fast.ops import backends
+from pdquant_fast.ops.reference import (
+    qconv2d_acc_reference,
+    qconv2d_reference,
+    qlinear_acc_reference,
+    qlinear_reference,
+)
+
+_C, _why = backends._extension()
+if _C is None or not hasattr(_C, "qconv2d_cpu"):
+    pytest.skip(f"C++ qconv2d_cpu not built: {_why}", allow_module_level=True)
+
+ISA_ORDER = ("scalar", "avx2", "avx512vnni")
+ISAS = ISA_ORDER[: ISA_ORDER.index(_C.qkernels_best_isa_cpu()) + 1]
+
+#: (w_bits, a_bits) pairs the deployment uses; 7-bit weights with 8-bit activations take the
+#: AVX2 split-activation path (|w| > 64 could saturate vpmaddubsw).
+BITS = [(8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (7, 8)]
+
+#: residual / act / out_bits / channels_last variants (each conv case runs all of them).
+VARIANTS = [
+    dict(act=0, res=False, out_bits=0, cl=False),
+    dict(act=1, res=True, out_bits=4, cl=False),
+    dict(act=2, res=False, out_bits=8, cl=True),
+    dict(act=1, res=True, out_bits=0, cl=True),
+    dict(act=0, res=False, out_bits=2, cl=False),
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa():
+    yield
+    _C.qkernels_set_isa_cpu("")
+
+
+def _weights(g, shape, w_bits):
+    """Offsets ``code - zp[o]`` as the deployment stores them: int8, int16 for 8-bit."""
+    hi = (1 << w_bits) - 1
+    codes = torch.randint(0, hi + 1, shape, generator=g)
+    zp = torch.randint(0, hi + 1, (shape[0],) + (1,) * (len(shape) - 1), generator=g)
+    return (codes - zp).to(torch.int16 if w_bits == 8 else torch.int8)
+
+
+def _conv_case(g, n, c, h, w, o, k, s, p, groups, w_bits, a_bits, act, res, out_bits, cl):
+    x = torch.randint(0, 1 << a_bits, (n, c, h, w), generator=g, dtype=torch.uint8)
+    wt = _weights(g, (o, c // groups, k, k), w_bits)
+    x_zp = int(torch.randint(0, 1 << a_bits, (1,), generator=g))
+    scale = torch.rand(o, generator=g) * 0.02 + 1e-3
+    bias = torch.randn(o, generator=g)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    r = torch.randn(n, o, ho, wo, generator=g) if res else None
+    out_scale = 0.05 if out_bits else 0.0
+    out_zp = int(torch.randint(0, 1 << out_bits, (1,), generator=g)) if out_bits else 0
+    args = (x_zp, wt, scale, bias, [s, s], [p, p], groups, act, r, out_scale, out_zp, out_bits)
+    ref = qconv2d_reference(x, *args)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, args, ref
+
+
+# (N, C, H, W, O, k, stride, pad, groups): ragged channel counts 1, 3, 7, 17, 127; the layer
+# kinds of ResNet-20/18 and EfficientNet-Lite0 (3x3, 1x1, 7x7 stem, strided, depthwise 3x3/5x5).
+CONV_SHAPES = [
+    (2, 16, 8, 8, 16, 3, 1, 1, 1),
+    (1, 3, 9, 7, 17, 3, 2, 1, 1),
+    (2, 7, 5, 6, 127, 1, 1, 0, 1),
+    (1, 1, 6, 5, 3, 3, 1, 1, 1),
+    (1, 17, 9, 9, 17, 5, 2, 2, 17),
+    (2, 32, 6, 6, 32, 3, 1, 1, 32),
+    (1, 7, 5, 5, 7, 3, 1, 1, 7),
+    (2, 8, 6, 6, 12, 3, 1, 1, 2),
+    (1, 64, 7, 7, 64, 1, 2, 0, 1),
+    (3, 3, 17, 17, 16, 7, 2, 3, 1),
+    (1, 20, 4, 4, 100, 3, 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_qconv2d_bit_exact(isa, shape):
+    _C.qkernels_set_isa_cpu(isa)
+    assert _C.qkernels_isa_cpu() == isa
+    g = torch.Generator().manual_seed(hash(shape) % 2**31)
+    groups = shape[-1]
+    for w_bits, a_bits in BITS:
+        for v in VARIANTS:
+            x, args, ref = _conv_case(g, *shape, w_bits, a_bits, **v)
+            out = _C.qconv2d_cpu(x, *args)
+            assert out.dtype == ref.dtype and out.shape == ref.shape
+            # the output takes x's memory format (a C = 1 tensor is both: NCHW then)
+            cl = v["cl"] and not x.is_contiguous()
+            assert out.is_contiguous(
+                memory_format=torch.channels_last if cl else torch.contiguous_format
+            )
+            assert torch.equal(out, ref), (isa, shape, w_bits, a_bits, v)
+            packed = _C.qconv2d_prepack_cpu(args[1], groups)
+            prepacked_args = (args[0], packed) + args[2:]
+            assert torch.equal(_C.qconv2d_cpu(x, *prepacked_args), ref)
+            assert torch.equal(_C.qconv2d_packed_cpu(x, *prepacked_args), ref)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_qconv2d_accumulator_extremes(isa):
+    """int32 acc exact at the largest magnitudes the op allows: K = 512*9 terms of 255 * 127
+    (int8) and 255 * 255 (int16), against the reference accumulator, read back through scale 1,
+    bias 0 and float32 output (exact below 2**24, so the sums are kept under it here)."""
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(3)
+    # int16 within [-128, 127] (8-bit offsets near a zero point of 128) runs the int8 kernel
+    cases = ((torch.int8, 127, 512), (torch.int16, 255, 24), (torch.int16, 127, 64))
+    for wdtype, wmax, c in cases:
+        x = torch.randint(250, 256, (1, c, 5, 5), generator=g, dtype=torch.uint8)
+        w = torch.full((16, c, 3, 3), wmax, dtype=wdtype)
+        w[1::2] = -wmax - (1 if wmax == 127 else 0)
+        w[2] = torch.randint(-wmax, wmax + 1, (c, 3, 3), generator=g).to(wdtype)
+        assert _C.qconv2d_prepack_cpu(w, 1).int16 == (wmax == 255)
+        acc = qconv2d_acc_reference(x, 0, w, [1, 1], [1, 1], 1)
+        ones, zeros = torch.ones(16), torch.zeros(16)
+        y = _C.qconv2d_cpu(x, 0, w, ones, zeros, [1, 1], [1, 1], 1, 0, None, 0.0, 0, 0)
+        big = acc.abs() >= 2**24
+        assert torch.equal(y[~big], acc.to(torch.float32)[~big])
+        # beyond 2**24 float(acc) rounds; the kernel must round the same int32 the same way
+        assert torch.equal(y, acc.to(torch.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_qconv2d_rounding_ties_and_clamps(isa):
+    """y exactly on .5 (half to even), codes below 0 and above 2^b - 1 (clamped)."""
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 16, (2, 8, 6, 6), generator=g, dtype=torch.uint8)
+    w = torch.randint(-7, 8, (24, 8, 3, 3), generator=g, dtype=torch.int8)
+    scale = torch.full((24,), 0.5)  # odd acc -> y = k + 0.5: a tie at out_scale 1
+    bias = torch.zeros(24)
+    for out_bits, out_zp in ((4, 8), (8, 128), (2, 1)):
+        args = (5, w, scale, bias, [1, 1], [1, 1], 1, 0, None, 1.0, out_zp, out_bits)
+        ref = qconv2d_reference(x, *args)
+        out = _C.qconv2d_cpu(x, *args)
+        assert torch.equal(out, ref)
+        assert int(ref.min()) == 0 and int(ref.max()) == (1 << out_bits) - 1  # both clamps hit
+    y = qconv2d_acc_reference(x, 5, w, [1, 1], [1, 1], 1).float() * 0.5
+    assert bool(((y - y.floor()) == 0.5).any())  # ties really occur
+
+
+# (N, K, O): GEMV (N = 1), ragged K and O, a batch that is not a multiple of the 16-row tile.
+LINEAR_SHAPES = [(1, 17, 7), (3, 64, 16), (20, 127, 50), (1, 1024, 100), (9, 8, 1), (33, 300, 130)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_qlinear_bit_exact(isa, shape):
+    _C.qkernels_set_isa_cpu(isa)
+    n, k, o = shape
+    g = torch.Generator().manual_seed(hash(shape) % 2**31)
+    for w_bits, a_bits in BITS + [(3, 3)]:
+        for v in VARIANTS:
+            x = torch.randint(0, 1 << a_bits, (n, k), generator=g, dtype=torch.uint8)
+            w = _weights(g, (o, k), w_bits)
+            x_zp = int(torch.randint(0, 1 << a_bits, (1,), generator=g))
+            scale = torch.rand(o, generator=g) * 0.02
+            bias = torch.randn(o, generator=g)
+            r = torch.randn(n, o, generator=g) if v["res"] else None
+            ob = v["out_bits"]
+            args = (x_zp, w, scale, bias, v["act"], r, 0.07 if ob else 0.0, 1 if ob else 0, ob)
+            ref = qlinear_reference(x, *args)
+            assert torch.equal(_C.qlinear_cpu(x, *args), ref), (isa, shape, w_bits, a_bits, v)
+            # sub-byte storage (2-/4-bit lines, unpacked in the kernel), inferred and explicit
+            for pb in (0, w_bits):
+                packed = _C.qlinear_prepack_cpu(w, pb)
+                assert packed.store_bits == (2 if w_bits <= 2 else 4 if w_bits <= 4 else 8)
+                pargs = (args[0], packed) + args[2:]
+                assert torch.equal(_C.qlinear_cpu(x, *pargs), ref), (isa, shape, w_bits, pb, v)
+                assert torch.equal(_C.qlinear_packed_cpu(x, *pargs), ref)
+
+
+def test_qlinear_packed_storage_size():
+    """4-bit lines hold K/2 bytes per output channel (plus padding to the 16-channel block)."""
+    g = torch.Generator().manual_seed(5)
+    w = _weights(g, (64, 512), 4)
+    assert _C.qlinear_prepack_cpu(w, 4).weight_nbytes == 64 * 512 // 2
+    assert _C.qlinear_prepack_cpu(_weights(g, (64, 512), 2), 2).weight_nbytes == 64 * 512 // 4
+    assert _C.qlinear_prepack_cpu(w, 8).weight_nbytes == 64 * 512
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_qlinear_accumulator(isa):
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 256, (5, 1000), generator=g, dtype=torch.uint8)
+    for w in (_weights(g, (40, 1000), 8), _weights(g, (40, 1000), 4)):
+        acc = qlinear_acc_reference(x, 17, w)
+        for pw in (w, _C.qlinear_prepack_cpu(w)):
+            y = _C.qlinear_cpu(x, 17, pw, torch.ones(40), torch.zeros(40), 0, None, 0.0, 0, 0)
+            assert torch.equal(y, acc.to(torch.float32))
+
+
+def test_isa_forcing_env_and_errors(monkeypatch):
+    best = _C.qkernels_best_isa_cpu()
+    monkeypatch.setenv("PDQUANT_CPU_ISA", "scalar")
+    assert _C.qkernels_isa_cpu() == "scalar"
+    monkeypatch.setenv("PDQUANT_CPU_ISA", "auto")
+    assert _C.qkernels_isa_cpu() == best
+    monkeypatch.setenv("PDQUANT_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="PDQUANT_CPU_ISA=sse9 is not a CPU ISA level"):
+        _C.qkernels_isa_cpu()
+    monkeypatch.delenv("PDQUANT_CPU_ISA")
+    _C.qkernels_set_isa_cpu("avx2" if "avx2" in ISAS else "scalar")
+    assert _C.qkernels_isa_cpu() in ("avx2", "scalar")
+    with pytest.raises(ValueError, match="allowed: scalar, avx2, avx512vnni"):
+        _C.qkernels_set_isa_cpu("neon")
+    if best != "avx512vnni":
+        with pytest.raises(ValueError, match="only supports up to"):
+            _C.qkernels_set_isa_cpu("avx512vnni")
+
+
+def _good_conv_args():
+    x = torch.zeros(1, 4, 5, 5, dtype=torch.uint8)
+    w = torch.zeros(8, 4, 3, 3, dtype=torch.int8)
+    return [x, 0, w, torch.ones(8), torch.zeros(8), [1, 1], [1, 1], 1, 0, None, 0.1, 0, 4]
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "message"),
+    [
+        (0, torch.zeros(1, 4, 5, 5), "x must be uint8"),
+        (0, torch.zeros(1, 5, 5, 5, dtype=torch.uint8), "x has C = 5 channels"),
+        (1, 256, "x_zp must be a uint8 code"),
+        (2, torch.zeros(8, 4, 3, 3, dtype=torch.int32), "w must be int8"),
+        (3, torch.ones(7), "scale must be a contiguous float32"),
+        (4, torch.zeros(8, dtype=torch.float64), "bias must be a contiguous float32"),
+        (5, [0, 1], "stride must be >= 1"),
+        (7, 3, "O = 8 is not divisible by groups = 3"),
+        (8, 3, "act must be 0"),
+        (9, torch.zeros(1, 8, 4, 4), "residual must have the output's shape"),
+        (10, 0.0, "out_scale must be finite and > 0"),
+        (12, 9, "out_bits must be 0"),
+    ],
+)
+def test_qconv2d_bad_input(index, value, message):
+    args = _good_conv_args()
+    _C.qconv2d_cpu(*args)  # the unmodified call is fine
+    args[index] = value
+    with pytest.raises(ValueError, match=message):
+        _C.qconv2d_cpu(*args)
+
+
+def test_prepacked_blob_checks():
+    args = _good_conv_args()
+    args[2] = _C.qconv2d_prepack_cpu(args[2], 1)
+    args[7] = 2
+    with pytest.raises(ValueError, match="prepacked for groups = 1"):
+        _C.qconv2d_cpu(*args)
+    w = torch.randint(-8, 8, (16, 40), dtype=torch.int8)
+    with pytest.raises(ValueError, match="2-bit offsets span at most 3"):
+        _C.qlinear_prepack_cpu(w, 2)
+    packed = _C.qlinear_prepack_cpu(w)
+    x = torch.zeros(2, 41, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="x has K = 41 but w has K = 40"):
+        _C.qlinear_cpu(x, 0, packed, torch.ones(16), torch.zeros(16), 0, None, 0.0, 0, 0)
+
+
+def test_chooser_and_op_run_the_cpp_kernels():
+    """``pdquant::qconv2d`` / ``qlinear`` on CPU dispatch to these kernels by default, and the
+    packed runtime's call (prepack, then the blob in place of ``w``) matches the op."""
+    from pdquant_fast import ops
+
+    if backends.forced_backend() not in (None, "cpp"):
+        pytest.skip(f"{backends.ENV} forces {backends.forced_backend()}")
+    name, fn = backends.choose("qconv2d", "cpu")
+    assert name == "cpp" and fn is _C.qconv2d_cpu
+    name, fn = backends.choose("qlinear", "cpu")
+    assert name == "cpp" and fn is _C.qlinear_cpu
+    g = torch.Generator().manual_seed(7)
+    x, args, ref = _conv_case(g, 2, 16, 8, 8, 24, 3, 1, 1, 1, 4, 4, 1, True, 4, False)
+    assert torch.equal(ops.qconv2d(x, *args), ref)
+    packed = _C.qconv2d_prepack_cpu(args[1], 1)
+    assert torch.equal(_C.qconv2d_cpu(x, args[0], packed, *args[2:]), ref)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_qconv2d_random_sweep(isa):
+    """Random shapes (channels 1..80, kernels 1..5, strides 1..3, any groups)."""
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(int(os.environ.get("PDQUANT_TEST_SEED", "11")))
+    for _ in range(150):
+        groups = int(torch.randint(1, 5, (1,), generator=g))
+        cg = int(torch.randint(1, 21, (1,), generator=g))
+        og = int(torch.randint(1, 21, (1,), generator=g))
+        if bool(torch.rand(1, generator=g) < 0.3):  # depthwise
+            groups, cg, og = cg * 2, 1, 1
+        k = int(torch.randint(1, 6, (1,), generator=g))
+        s = int(torch.randint(1, 4, (1,), generator=g))
+        p = int(torch.randint(0, k // 2 + 1, (1,), generator=g))
+        h = int(torch.randint(k, 14, (1,), generator=g))
+        w_bits, a_bits = BITS[int(torch.randint(0, len(BITS), (1,), generator=g))]
+        v = VARIANTS[int(torch.randint(0, len(VARIANTS), (1,), generator=g))]
+        shape = (2, cg * groups, h, h + 1, og * groups, k, s, p, groups)
+        x, args, ref = _conv_case(g, *shape, w_bits, a_bits, **v)
+        assert torch.equal(_C.qconv2d_cpu(x, *args), ref), (shape, w_bits, a_bits, v)
