@@ -21,7 +21,9 @@ Usage::
         [--unit K] [--iters N] [--out DIR]
 
 Writes rows to ``<out>/calib_step.jsonl`` (default ``benchmarks/results/``). Random weights and
-random images: speed does not depend on them, and the GPU machine has no shared data.
+random images: speed does not depend on them, and the GPU machine has no shared data. The
+variants are timed in interleaved rounds (one iteration of each in turn), so that a change of
+load on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -132,43 +134,60 @@ class Step:
         return total.detach()
 
 
-def time_variant(args, backend: str | None, graph: bool) -> Timing:
+def build_variant(args, backend: str | None, graph: bool):
+    """A callable running one iteration of the variant (under its forced backend)."""
     ops.force(backend)
     try:
         model, shape = build_model(args.model)
         step = Step(model, shape, args.unit, args.device, args.n_calib, graph_safe=graph)
-        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-        if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+        if not graph:
+            return step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
                 step()
-            run = g.replay
-        else:
-            run = step
-        for _ in range(3):
-            run()
-        sync()
-        times = []
-        for _ in range(args.iters):
-            t0 = time.perf_counter()
-            run()
-            sync()
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        return Timing(
-            times[len(times) // 2],
-            times[len(times) // 10],
-            times[(9 * len(times)) // 10],
-            len(times),
-        )
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        return g.replay
     finally:
         ops.force(None)
+
+
+def time_interleaved(args, variants):
+    """Median seconds per iteration of each variant, timed in rounds (A, B, C, A, B, C, ...) so
+    that a change in machine load during the run hits every variant alike."""
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    runs, times, errors = {}, {}, {}
+    for name, backend, graph in variants:
+        try:
+            runs[name] = (backend, build_variant(args, backend, graph))
+            times[name] = []
+        except Exception as exc:  # record and go on: one broken variant must not hide the rest
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    for r in range(args.iters + 3):
+        for name, (backend, run) in list(runs.items()):
+            ops.force(backend)
+            try:
+                t0 = time.perf_counter()
+                run()
+                sync()
+                if r >= 3:  # three warm-up rounds
+                    times[name].append(time.perf_counter() - t0)
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                del runs[name]
+            finally:
+                ops.force(None)
+    out = {}
+    for name, ts in times.items():
+        if name in errors or not ts:
+            continue
+        ts.sort()
+        out[name] = Timing(ts[len(ts) // 2], ts[len(ts) // 10], ts[(9 * len(ts)) // 10], len(ts))
+    return out, errors
 
 
 def main(argv=None) -> int:
@@ -187,14 +206,13 @@ def main(argv=None) -> int:
     variants = [("reference", "reference", False), ("fused", None, False)]
     if args.device == "cuda":
         variants.append(("fused+graph", None, True))
-    rows, base = [], None
-    for name, backend, graph in variants:
-        try:
-            t = time_variant(args, backend, graph)
-        except Exception as exc:  # record and go on: one broken variant must not hide the rest
-            rows.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    timings, errors = time_interleaved(args, variants)
+    rows, base = [], timings.get("reference")
+    for name, backend, _ in variants:
+        if name in errors:
+            rows.append({"variant": name, "error": errors[name]})
             continue
-        base = base or t
+        t = timings[name]
         chosen = ops.choose("fake_quant_act", args.device, 4)[0] if backend is None else backend
         rows.append(
             {
@@ -205,7 +223,7 @@ def main(argv=None) -> int:
                 "ms_per_iter": t.median_s * 1e3,
                 "p10_ms": t.p10_s * 1e3,
                 "p90_ms": t.p90_s * 1e3,
-                "speedup_vs_reference": ratio(base, t),
+                "speedup_vs_reference": ratio(base, t) if base else None,
             }
         )
     record(
