@@ -69,6 +69,7 @@ class Step:
         dev = torch.device(device)
         self.dev = dev
         self.fp, self.q = cal.fp.to(dev), cal.q.to(dev)
+        self.fp_tail = cal._fp_tail().to(dev)  # the engine's BN-folded remainder
         self.fp_exec = cal.fp_exec
         x = x.to(dev)
         with torch.no_grad():
@@ -122,7 +123,7 @@ class Step:
         out = self.q_unit(torch.cat([xin, xq]))
         o_drop, o_q = out[:bs], out[bs:]
         rec = lp_loss(o_drop, self.y_c[idx])
-        z_q = self.fp_exec.run_from(self.fp, self.k, o_q)
+        z_q = self.fp_exec.run_from(self.fp_tail, self.k, o_q)
         pd = kl_prediction_loss(z_q, self.z_fp[idx], cfg.temperature)
         rl = cfg.round_weight * sum(ql.wq.last_reg for ql in self.layers)
         total = rec + pd / cfg.lamb_r + rl
