@@ -60,7 +60,6 @@ if _missing:
     pytest.skip(f"pdquant_fast._C lacks {_missing}", allow_module_level=True)
 
 
-
 def _isas() -> list[str]:
     out = []
     for isa in ("avx512", "avx2", "scalar"):
@@ -136,7 +135,8 @@ def test_fake_quant_every_bit_width(isa, bits):
 
 
 @pytest.mark.parametrize("axis", [0, 1, -1, 2])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 16, 8, 8), (3, 40, 1, 1)])
+# (8, 16, 24, 24): several chunks of partial sums (73,728 elements, 32,768 per chunk)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 16, 8, 8), (3, 40, 1, 1), (8, 16, 24, 24)])
 def test_fake_quant_per_channel_4d(isa, shape, axis):
     for drop in ("none", "seed", "mask"):
         check_fake_quant(_fq_public, _fq_bwd_public, shape, True, axis, 3, drop, gen_seed=axis)
@@ -320,7 +320,9 @@ def _ada_grad_budget(grad_wq, grad_reg, w_floor, alpha, delta, zp, bits, beta, g
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("shape", [(1,), (7,), (127,), (4097,), (16, 8, 3, 3), (10, 64)])
+@pytest.mark.parametrize(
+    "shape", [(1,), (7,), (127,), (4097,), (16, 8, 3, 3), (10, 64), (130, 257)]
+)
 def test_adaround_soft_forward_backward(isa, shape, bits):
     c = shape[0]
     w_floor, alpha, delta, zp, beta = adaround_inputs(shape, bits, gen_seed=bits + c)
@@ -432,6 +434,24 @@ def test_mse_search_resnet20_weights(cpp, shared_data, bits):
     x = (w[:3] if bits == 8 else w).contiguous()
     got = ops.mse_search_2d(x, bits, 100)
     _assert_scores_within(x, got, R.mse_search_2d_reference(x, bits, 100), bits, "resnet20")
+
+
+def test_mse_search_long_row_split_over_threads(cpp):
+    """Fewer rows than 2 x threads and K >= 16384: each row's ranges are split over the threads;
+    the choice must not depend on that (same merge rule), and must meet the budget."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.stack([torch.randn(20_000, generator=g), torch.randn(20_000, generator=g).relu()])
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, old))
+        split = ops.mse_search_2d(x, 2, 100)
+        torch.set_num_threads(1)
+        rows = ops.mse_search_2d(x, 2, 100)
+    finally:
+        torch.set_num_threads(old)
+    assert_bit_exact(split[0], rows[0])
+    assert_bit_exact(split[1], rows[1])
+    _assert_scores_within(x, split, R.mse_search_2d_reference(x, 2, 100), 2, "split")
 
 
 @pytest.mark.parametrize(

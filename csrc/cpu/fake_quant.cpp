@@ -271,14 +271,17 @@ template <bool kVec, Drop kDrop>
 void forward_run(const FakeQuantArgs& a, int64_t i, int64_t len, int64_t c) {
   const F n = V::set1(a.n);
   F d = V::set1(a.delta[c]), z = V::set1(a.zero_point[c]);
+  const float* x = a.x + i;  // locals: the stores cannot alias them (they could alias `a`)
+  float* out = a.out + i;
+  const float *dp = a.delta + c, *zp = a.zero_point + c;
   int64_t j = 0;
   for (; j + W <= len; j += W) {
     if constexpr (kVec) {
-      d = V::load(a.delta + c + j);
-      z = V::load(a.zero_point + c + j);
+      d = V::load(dp + j);
+      z = V::load(zp + j);
     }
     const M keep = keep_at<kDrop>(a, i + j);
-    V::store(a.out + i + j, forward_vec<kDrop>(V::load(a.x + i + j), d, z, n, keep));
+    V::store(out + j, forward_vec<kDrop>(V::load(x + j), d, z, n, keep));
   }
   if (j < len) {  // tail: through lane buffers (padding lanes are computed and discarded)
     const int r = static_cast<int>(len - j);
@@ -311,16 +314,19 @@ void backward_run(const FakeQuantArgs& a, int64_t i, int64_t len, int64_t c, dou
   const F n = V::set1(a.n);
   F d = V::set1(a.delta[c]), z = V::set1(a.zero_point[c]);
   typename V::DAcc s = V::dzero();
+  const float *x = a.x + i, *grad = a.grad + i;
+  float* out = a.out + i;
+  const float *dp = a.delta + c, *zp = a.zero_point + c;
   int64_t j = 0;
   for (; j + W <= len; j += W) {
     if constexpr (kVec) {
-      d = V::load(a.delta + c + j);
-      z = V::load(a.zero_point + c + j);
+      d = V::load(dp + j);
+      z = V::load(zp + j);
     }
     F gx, term;
-    const F g = V::load(a.grad + i + j);
-    backward_vec<kDrop>(g, V::load(a.x + i + j), d, z, n, keep_at<kDrop>(a, i + j), gx, term);
-    V::store(a.out + i + j, gx);
+    const F g = V::load(grad + j);
+    backward_vec<kDrop>(g, V::load(x + j), d, z, n, keep_at<kDrop>(a, i + j), gx, term);
+    V::store(out + j, gx);
     if constexpr (kVec)
       V::dacc_to(acc + c + j, g, term);
     else

@@ -54,21 +54,46 @@
 namespace pdquant {
 namespace calib_cpu {
 
-// Per-task buffers for one row of K elements and n + 1 zero points.
+// One row, prepared once and then only read: sorted values, prefix sums of the scaled values,
+// their squares and magnitudes (all [K + 1], double), the range R and the power-of-two scale s.
+struct MseRow {
+  std::vector<float> xs;
+  std::vector<double> px, px2, pax;
+  int64_t K = 0;
+  float x_min = 0.0f, x_max = 0.0f, R = 0.0f, s = 1.0f;
+  void resize(int64_t k) {
+    K = k;
+    xs.resize(k);
+    for (auto* v : {&px, &px2, &pax}) v->resize(k + 1);
+  }
+};
+
+// Per-task buffers for the ranges of one row (K elements, nz = n + 1 zero points).
 struct MseScratch {
-  std::vector<float> xs, codes, cost;
-  std::vector<double> pcost, px, px2, pax;
+  std::vector<float> codes, cost;
+  std::vector<double> pcost;
   std::vector<int64_t> first;  // first[v + n + 2]: index of the first element with code >= v
   std::vector<double> cheap;
   std::vector<std::pair<double, int64_t>> todo;
   void resize(int64_t K, int64_t nz, int W) {
-    xs.resize(K);
     codes.resize(K + 1 + W);
     cost.resize(K);
-    for (auto* v : {&pcost, &px, &px2, &pax}) v->resize(K + 1);
+    pcost.resize(K + 1);
     first.resize(2 * nz + 3);
     cheap.resize(nz);
     todo.reserve(nz);
+  }
+};
+
+// The best candidate so far: lowest score, then lowest (i, z) (the reference's first minimum).
+struct MseBest {
+  double score = std::numeric_limits<double>::infinity();
+  int64_t i = -1, z = -1;
+  bool better(double sc, int64_t ci, int64_t cz) const {
+    return sc < score || (sc == score && (ci < i || (ci == i && cz < z)));
+  }
+  void consider(double sc, int64_t ci, int64_t cz) {
+    if (better(sc, ci, cz)) *this = MseBest{sc, ci, cz};
   }
 };
 
@@ -97,6 +122,26 @@ namespace pdquant {
 namespace calib_cpu {
 namespace {
 
+// Rows at least this long are split over threads by ranges when there are fewer rows than
+// 2 x threads (below it the per-range work, ~1 us, does not pay for a fork per row).
+constexpr int64_t kSplitRowElems = 1 << 14;
+
+// The result of a row: calculate_qparams of the best candidate's interval
+// [-z d_i, r_i - z d_i] in the reference's float32 operations; [x_min, x_max] where no candidate
+// has a finite score (the reference's scores are all NaN when R * i overflows float).
+void mse_finish_row(const MseRow& row, const MseBest& best, int64_t steps, float n,
+                    float* delta, float* zp) {
+  if (best.i < 0) {
+    calculate_qparams(row.x_min, row.x_max, n, delta, zp);
+    return;
+  }
+  float r, d;
+  range_step(row.R, best.i, steps, n, &r, &d);
+  const float cand_min = -static_cast<float>(best.z) * d;
+  const float cand_max = r + cand_min;
+  calculate_qparams(cand_min, cand_max, n, delta, zp);
+}
+
 std::tuple<at::Tensor, at::Tensor> mse_search_2d_cpu(const at::Tensor& x, int64_t bits,
                                                      int64_t steps) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
@@ -112,13 +157,46 @@ std::tuple<at::Tensor, at::Tensor> mse_search_2d_cpu(const at::Tensor& x, int64_
   at::Tensor zp = at::empty({C}, x.options());
   float* dp = delta.data_ptr<float>();
   float* zpp = zp.data_ptr<float>();
-  // One row is at least steps * K powers (~2.5 us per 1000 elements per range): one row per task.
-  at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-    MseScratch scratch;
-    scratch.resize(K, int64_t(1) << bits, 16);
-    for (int64_t c = cb; c < ce; ++c)
-      PDQ_ISA_DISPATCH(mse_search_row, xp + c * K, K, bits, steps, scratch, dp + c, zpp + c);
-  });
+  const int64_t nz = int64_t(1) << bits;
+  const float n = static_cast<float>(nz - 1);
+  const int64_t threads = at::get_num_threads();
+  if (C >= 2 * threads || K < kSplitRowElems || threads == 1) {
+    // One row per task: a row is at least steps * K powers.
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      MseRow row;
+      row.resize(K);
+      MseScratch scratch;
+      scratch.resize(K, nz, 16);
+      for (int64_t c = cb; c < ce; ++c) {
+        MseBest best;
+        PDQ_ISA_DISPATCH(mse_prepare_row, xp + c * K, K, n, row);
+        PDQ_ISA_DISPATCH(mse_search_ranges, row, bits, steps, steps, 1, scratch, best);
+        mse_finish_row(row, best, steps, n, dp + c, zpp + c);
+      }
+    });
+  } else {
+    // Few long rows (a per-tensor search is one row): the ranges of each row are split over
+    // the threads (task t takes i = steps - t, steps - t - T, ...), each with its own best,
+    // merged by the same rule.
+    const int64_t T = std::min<int64_t>(threads, steps);
+    MseRow row;
+    row.resize(K);
+    std::vector<MseBest> bests(T);
+    for (int64_t c = 0; c < C; ++c) {
+      PDQ_ISA_DISPATCH(mse_prepare_row, xp + c * K, K, n, row);
+      at::parallel_for(0, T, 1, [&](int64_t tb, int64_t te) {
+        MseScratch scratch;
+        scratch.resize(K, nz, 16);
+        for (int64_t t = tb; t < te; ++t) {
+          bests[t] = MseBest{};
+          PDQ_ISA_DISPATCH(mse_search_ranges, row, bits, steps, steps - t, T, scratch, bests[t]);
+        }
+      });
+      MseBest best;
+      for (const MseBest& b : bests) best.consider(b.score, b.i, b.z);
+      mse_finish_row(row, best, steps, n, dp + c, zpp + c);
+    }
+  }
   return {delta, zp};
 }
 
@@ -242,30 +320,21 @@ inline double tail_cost(const float* xs, int64_t b, int64_t e, float v, float d,
 
 }  // namespace mse_detail
 
-// One row: the search described at the top of this file; writes the row's (delta, zero_point).
-inline void mse_search_row(const float* x, int64_t K, int64_t bits, int64_t steps,
-                           MseScratch& sc, float* out_delta, float* out_zp) {
-  using namespace mse_detail;
-  const int64_t nz = int64_t(1) << bits;
-  const float n = static_cast<float>(nz - 1);
-  float* xs = sc.xs.data();
+// Sorts the row and fills its prefix sums, range and scale.
+inline void mse_prepare_row(const float* x, int64_t K, float n, MseRow& row) {
+  float* xs = row.xs.data();
   std::copy(x, x + K, xs);
   std::sort(xs, xs + K);
-  const float x_min = std::min(xs[0], 0.0f), x_max = std::max(xs[K - 1], 0.0f);
-  const float R = x_max - x_min;
-  if (!std::isfinite(R)) {  // the reference's scores are all NaN here: it keeps [x_min, x_max]
-    calculate_qparams(x_min, x_max, n, out_delta, out_zp);
-    return;
-  }
+  row.x_min = std::min(xs[0], 0.0f);
+  row.x_max = std::max(xs[K - 1], 0.0f);
+  row.R = row.x_max - row.x_min;
   // Power-of-two scale so that every scaled error is below 1 (errors are below R + n d_steps).
   int e2 = 0;
-  std::frexp(static_cast<double>(R) + static_cast<double>(n) * std::max(R / n, 1e-8f), &e2);
-  const float s = std::ldexp(1.0f, -e2);
-  const double sd = s;
-  // Prefix sums of scaled x, x^2 and |x|, for the tails' sums of squared errors
-  // sum (x + c)^2 = S2 + 2 c S1 + N c^2; the rounding error of that expression in double,
-  // at most kEps (S2 + 2 |c| S|x| + N c^2), is subtracted so that the bounds stay bounds.
-  double *px = sc.px.data(), *px2 = sc.px2.data(), *pax = sc.pax.data();
+  std::frexp(static_cast<double>(row.R) + static_cast<double>(n) * std::max(row.R / n, 1e-8f),
+             &e2);
+  row.s = std::isfinite(row.R) ? std::ldexp(1.0f, -e2) : 1.0f;
+  const double sd = row.s;
+  double *px = row.px.data(), *px2 = row.px2.data(), *pax = row.pax.data();
   px[0] = px2[0] = pax[0] = 0.0;
   for (int64_t j = 0; j < K; ++j) {
     const double v = xs[j] * sd;
@@ -273,29 +342,35 @@ inline void mse_search_row(const float* x, int64_t K, int64_t bits, int64_t step
     px2[j + 1] = px2[j] + v * v;
     pax[j + 1] = pax[j] + std::fabs(v);
   }
+}
+
+// Searches ranges i = i_first, i_first - i_stride, ... >= 1 of a prepared row (the algorithm at
+// the top of this file), updating `best`.
+inline void mse_search_ranges(const MseRow& row, int64_t bits, int64_t steps, int64_t i_first,
+                              int64_t i_stride, MseScratch& sc, MseBest& best) {
+  using namespace mse_detail;
+  if (!std::isfinite(row.R)) return;  // all NaN in the reference: it keeps [x_min, x_max]
+  const int64_t K = row.K, nz = int64_t(1) << bits;
+  const float n = static_cast<float>(nz - 1), s = row.s;
+  const double sd = s;
+  const float* xs = row.xs.data();
+  const double *px = row.px.data(), *px2 = row.px2.data(), *pax = row.pax.data();
+  // The tails' sums of squared errors are sum (x + c)^2 = S2 + 2 c S1 + N c^2 from the prefix
+  // sums; the rounding error of that expression in double, at most kEps (S2 + 2 |c| S|x| + N c^2),
+  // is subtracted so that the bounds stay bounds.
   const double kEps = 4.0 * std::numeric_limits<double>::epsilon() * static_cast<double>(K + 4);
   // A candidate is skipped when its lower bound times (1 - kSlack) exceeds the best score. The
   // bounds are exact up to the float pow's ~1e-6 relative error, well inside kSlack.
   constexpr double kSlack = 1e-5;
-
-  double best = std::numeric_limits<double>::infinity();
-  int64_t best_i = -1, best_z = -1;
-  auto consider = [&](double score, int64_t i, int64_t z) {
-    if (score < best || (score == best && (i < best_i || (i == best_i && z < best_z)))) {
-      best = score;
-      best_i = i;
-      best_z = z;
-    }
-  };
   float* codes = sc.codes.data() + 1;  // codes[-1] is the sentinel
   codes[-1] = -n - 2.0f;
   double* pc = sc.pcost.data();
   const int64_t off = nz + 1;  // first[v + off], v in [-(n + 2), n + 2]
   int64_t* first = sc.first.data();
   double* cheap = sc.cheap.data();
-  for (int64_t i = steps; i >= 1; --i) {
+  for (int64_t i = i_first; i >= 1; i -= i_stride) {
     float r_i, d;
-    range_step(R, i, steps, n, &r_i, &d);
+    range_step(row.R, i, steps, n, &r_i, &d);
     if (!std::isfinite(r_i) || !std::isfinite(d)) continue;  // NaN scores in the reference
     codes_and_costs(xs, K, d, n, s, codes, sc.cost.data());
     for (int l = 0; l < W; ++l) codes[K + l] = codes[K - 1];
@@ -305,16 +380,22 @@ inline void mse_search_row(const float* x, int64_t K, int64_t bits, int64_t step
     // Cheap bound: a clamped element's error is at least d/2, so |e|^2.4 >= e^2 (d s / 2)^0.4.
     const double ds = static_cast<double>(d) * sd;
     const double c0 = std::pow(0.5 * ds, 0.4);
-    int64_t zc = 0;
-    for (int64_t z = 0; z < nz; ++z) {
+    auto tails = [&](int64_t z, double* sl, double* sh) {
       const int64_t lo = first[off - z], hi = first[off + nz - z];
       const double c = static_cast<double>(z) * ds, nl = static_cast<double>(lo);
-      const double sl = px2[lo] + 2.0 * c * px[lo] + nl * c * c -
-                        kEps * (px2[lo] + 2.0 * c * pax[lo] + nl * c * c);
       const double c2 = static_cast<double>(nz - 1 - z) * ds, nh = static_cast<double>(K - hi);
-      const double sh = (px2[K] - px2[hi]) - 2.0 * c2 * (px[K] - px[hi]) + nh * c2 * c2 -
-                        kEps * (px2[K] + 2.0 * c2 * pax[K] + nh * c2 * c2);
-      cheap[z] = (pc[hi] - pc[lo]) + c0 * (std::max(sl, 0.0) + std::max(sh, 0.0));
+      *sl = std::max(px2[lo] + 2.0 * c * px[lo] + nl * c * c -
+                         kEps * (px2[lo] + 2.0 * c * pax[lo] + nl * c * c),
+                     0.0);
+      *sh = std::max((px2[K] - px2[hi]) - 2.0 * c2 * (px[K] - px[hi]) + nh * c2 * c2 -
+                         kEps * (px2[K] + 2.0 * c2 * pax[K] + nh * c2 * c2),
+                     0.0);
+    };
+    int64_t zc = 0;
+    for (int64_t z = 0; z < nz; ++z) {
+      double sl, sh;
+      tails(z, &sl, &sh);
+      cheap[z] = (pc[first[off + nz - z]] - pc[first[off - z]]) + c0 * (sl + sh);
       if (cheap[z] < cheap[zc]) zc = z;
     }
     auto score = [&](int64_t z) {
@@ -323,42 +404,28 @@ inline void mse_search_row(const float* x, int64_t K, int64_t bits, int64_t step
       return (pc[hi] - pc[lo]) + tail_cost(xs, 0, lo, -zf, d, s) +
              tail_cost(xs, hi, K, n - zf, d, s);
     };
-    if (best == std::numeric_limits<double>::infinity()) consider(score(zc), i, zc);
+    if (best.i < 0) best.consider(score(zc), i, zc);
     // Survivors of the cheap bound get the power-mean bound
     // sum |e|^2.4 >= N (sum e^2 / N)^1.2, then are scored exactly, most promising first.
     sc.todo.clear();
     for (int64_t z = 0; z < nz; ++z) {
-      if (cheap[z] * (1.0 - kSlack) > best) continue;
+      if (cheap[z] * (1.0 - kSlack) > best.score) continue;
       const int64_t lo = first[off - z], hi = first[off + nz - z];
-      const double c = static_cast<double>(z) * ds, nl = static_cast<double>(lo);
-      const double c2 = static_cast<double>(nz - 1 - z) * ds, nh = static_cast<double>(K - hi);
-      const double sl = std::max(px2[lo] + 2.0 * c * px[lo] + nl * c * c -
-                                     kEps * (px2[lo] + 2.0 * c * pax[lo] + nl * c * c),
-                                 0.0);
-      const double sh = std::max((px2[K] - px2[hi]) - 2.0 * c2 * (px[K] - px[hi]) + nh * c2 * c2 -
-                                     kEps * (px2[K] + 2.0 * c2 * pax[K] + nh * c2 * c2),
-                                 0.0);
+      double sl, sh;
+      tails(z, &sl, &sh);
+      const double nl = static_cast<double>(lo), nh = static_cast<double>(K - hi);
       double lb = pc[hi] - pc[lo];
       if (lo > 0) lb += nl * std::pow(sl / nl, 1.2);
       if (hi < K) lb += nh * std::pow(sh / nh, 1.2);
       lb = std::max(lb, cheap[z]);
-      if (lb * (1.0 - kSlack) <= best) sc.todo.emplace_back(lb, z);
+      if (lb * (1.0 - kSlack) <= best.score) sc.todo.emplace_back(lb, z);
     }
     std::sort(sc.todo.begin(), sc.todo.end());
     for (const auto& [lb, z] : sc.todo) {
-      if (lb * (1.0 - kSlack) > best) break;
-      consider(score(z), i, z);
+      if (lb * (1.0 - kSlack) > best.score) break;
+      best.consider(score(z), i, z);
     }
   }
-  if (best_i < 0) {  // no finite candidate: the reference keeps [x_min, x_max]
-    calculate_qparams(x_min, x_max, n, out_delta, out_zp);
-    return;
-  }
-  float r_b, d_b;
-  range_step(R, best_i, steps, n, &r_b, &d_b);
-  const float cand_min = -static_cast<float>(best_z) * d_b;
-  const float cand_max = r_b + cand_min;
-  calculate_qparams(cand_min, cand_max, n, out_delta, out_zp);
 }
 
 #endif  // PDQ_ISA_PASS
