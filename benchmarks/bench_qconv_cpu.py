@@ -1,9 +1,11 @@
 """Packed low-bit conv/linear on the CPU (C++ kernels of ``qconv2d`` / ``qlinear``).
 
-Per-layer shapes come from the real models: every ``F.conv2d`` call of a forward pass of
-CIFAR ResNet-20 (32x32), torchvision ResNet-18 (224x224) and EfficientNet-Lite0 (224x224) is
-recorded (input shape after any "same" pre-padding, weight shape, stride, padding, groups);
-identical layers are timed once and counted ``count`` times in the network totals.
+Per-layer shapes come from the real models: every ``nn.Conv2d`` of a forward pass of CIFAR
+ResNet-20 (32x32), torchvision ResNet-18 (224x224) and EfficientNet-Lite0 (224x224) is recorded
+(input shape, weight shape, stride, padding, groups; EfficientNet's symmetric TF-"same"
+pre-padding folded into the conv padding as the packed runtime does, asymmetric pre-padding
+kept as a padded input); identical layers are timed once and counted ``count`` times in the
+network totals.
 
 Candidates, timed in the same process, moments apart (``benchmarks.common.measure``, median of
 ``--repeat`` calls after warm-up; p10/p90 kept):
@@ -144,24 +146,38 @@ def model_layers(model_name: str) -> list[tuple[Layer, int]]:
         raise SystemExit(f"unknown model {model_name!r}; choose resnet20, resnet18, lite0")
     seen: Counter = Counter()
     order: list[Layer] = []
-    real = F.conv2d
 
-    def spy(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    def hook(module, inputs):
+        # TF-"same" convs (EfficientNet) pad in a ZeroPad2d first: symmetric padding is folded
+        # into the conv, as the packed runtime does (deploy.runtime._merge_padding); asymmetric
+        # padding stays a pre-pad (the recorded input is the padded one, conv padding 0).
+        x = inputs[0]
+        h, w = x.shape[2], x.shape[3]
+        ph, pw = _pair(module.padding)
+        pad = getattr(getattr(module, "static_padding", None), "padding", None)
+        if pad is not None:
+            left, right, top, bottom = pad
+            if left == right and top == bottom:
+                ph, pw = ph + top, pw + left
+            else:
+                h, w = h + top + bottom, w + left + right
         layer = Layer(
-            x.shape[1], x.shape[2], x.shape[3], w.shape[0], w.shape[2], w.shape[3],
-            _pair(stride), _pair(padding), groups,
+            x.shape[1], h, w, module.out_channels, *module.kernel_size,
+            _pair(module.stride), (ph, pw), module.groups,
         )  # fmt: skip
         if layer not in seen:
             order.append(layer)
         seen[layer] += 1
-        return real(x, w, bias, stride, padding, dilation, groups)
 
-    F.conv2d = spy
+    handles = [
+        m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
     try:
         with torch.no_grad():
             model(torch.randn(1, 3, size, size))
     finally:
-        F.conv2d = real
+        for h in handles:
+            h.remove()
     return [(layer, seen[layer]) for layer in order]
 
 

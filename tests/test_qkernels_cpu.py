@@ -89,6 +89,11 @@ CONV_SHAPES = [
     (1, 64, 7, 7, 64, 1, 2, 0, 1),
     (3, 3, 17, 17, 16, 7, 2, 3, 1),
     (1, 20, 4, 4, 100, 3, 1, 0, 1),
+    # NCHW-native GEMM (VNNI, NCHW input): 1x1 of a shallow input, KxK from 32 output columns
+    # (dropped padding columns, a ragged last block of 4 output channels)
+    (1, 5, 34, 33, 9, 3, 1, 1, 1),
+    (2, 6, 12, 36, 8, 5, 1, 2, 1),
+    (1, 300, 3, 3, 20, 1, 1, 0, 1),
 ]
 
 

@@ -17,18 +17,24 @@
 // Layout: x is NCHW-contiguous, or channels_last (torch.channels_last, still shape [N,C,H,W]);
 // the output takes x's memory format (channels_last in, channels_last out: no conversions).
 //
-// How it runs:
-//   * groups with C/groups > 1 (ordinary and grouped convs): implicit GEMM over a zero-point-
-//     padded NHWC copy of x (skipped for channels_last x with no padding and C % 4 == 0).
-//     Rows = 16 output pixels (two 8-row micro-kernel calls), columns = a superblock of up to
-//     48 output channels, reduction = taps x channel groups, weights prepacked into
-//     [kgroup][16 ch][4] panels (qgemm.h). 1x1, 3x3, 5x5, 7x7, any stride: the same kernel.
-//   * depthwise (groups == C == O): a dedicated kernel, vectors along 16 channels, int32
-//     multiply-add per tap.
-//   * the epilogue requantises each 16 x (<= 48) int32 tile in registers and writes NCHW (a
-//     16x16 transpose) or NHWC directly.
-// Reads x once (plus the padded copy), the weights once per 16-pixel tile (from L1/L2), writes
-// the output once (float32: 4 bytes, codes: 1 byte per element).
+// How it runs (AVX-512 VNNI; the AVX2 and scalar levels run the NHWC GEMM and the NHWC depthwise
+// kernel with the same panels):
+//   * NCHW-native implicit GEMM (NCHW x, one group, int8 weights, stride 1; 1x1 convs unless
+//     the input is deep and the plane small, KxK from 32 output columns): 4 input channels
+//     interleaved per dword over the padded plane, 16 consecutive outputs per zmm, weights
+//     broadcast; writes NCHW rows directly (nchw_gemm_t).
+//   * NHWC implicit GEMM (everything else with C/groups > 1): a zero-point-padded NHWC copy of
+//     x (skipped for channels_last x with no padding and C % 4 == 0). Rows = 16 output pixels
+//     (two 8-row micro-kernel calls), columns = a superblock of up to 48 output channels,
+//     reduction = taps x channel groups, weights prepacked into [kgroup][16 ch][4] panels
+//     (qgemm.h). Any kernel size and stride. The epilogue writes NHWC directly or NCHW through
+//     16x16 in-register transposes.
+//   * depthwise (groups == C == O): NCHW x with VBMI: planar kernel (one vpermb + vpdpbusd per
+//     kernel row and 4 taps for 16 outputs); otherwise vectors along 16 channels of an NHWC
+//     copy, tap pairs with vpdpwssd (AVX2/scalar: int32 multiply-add per tap).
+//   * every epilogue requantises in registers, the contract's formula op for op (qgemm.h).
+// Reads x once (plus one re-laid copy), the weights once per tile (from L1/L2), writes the
+// output once (float32: 4 bytes, codes: 1 byte per element).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -62,12 +68,14 @@ struct PackedConv {
   at::Tensor dw;     // depthwise: int32 [KH*KW][round_up(C, 16)]
   at::Tensor dw2;    // depthwise: int16 pairs (w[2i][c], w[2i+1][c]) [ceil(KH*KW/2)][...] as int32
   at::Tensor dwq;    // depthwise, planar path: int8 quads (w[kh][4g..4g+3][c], 0 past KW) as
-                     // int32 [C][KH][ceil(KW/4)] (only when every |w| <= 127)
+                     // int32 [C][KH][ceil(KW/4)] (only when w fits int8)
+  at::Tensor wn;     // NCHW-native path (one group, int8): int8 quads of 4 input channels as
+                     // int32 [ceil(O/4)][KH*KW][ceil(C/4)][4 output channels]
 
   int64_t nbytes() const {
     return (panel.defined() ? panel.nbytes() : 0) + (dw.defined() ? dw.nbytes() : 0) +
            (dw2.defined() ? dw2.nbytes() : 0) + (dwq.defined() ? dwq.nbytes() : 0) +
-           sumw.nbytes();
+           (wn.defined() ? wn.nbytes() : 0) + sumw.nbytes();
   }
 };
 
@@ -146,6 +154,16 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
     return pk;
   }
   pk->mode = fits_int8 ? KMode::kU8S8 : KMode::kS16;
+  if (groups == 1 && fits_int8) {
+    const int64_t c4n = (pk->Cg + 3) / 4, ob = (pk->O + 3) / 4;
+    pk->wn = at::zeros({ob, ntaps, c4n, 4}, at::kInt);
+    int8_t* q = reinterpret_cast<int8_t*>(pk->wn.data_ptr<int32_t>());
+    for (int64_t o = 0; o < pk->O; ++o)
+      for (int64_t t = 0; t < ntaps; ++t)
+        for (int64_t c = 0; c < pk->Cg; ++c)
+          q[(((o / 4) * ntaps + t) * c4n + c / 4) * 16 + (o % 4) * 4 + c % 4] =
+              static_cast<int8_t>(wp[(o * pk->Cg + c) * ntaps + t]);
+  }
   const int64_t per = pk->mode == KMode::kU8S8 ? 4 : 2;  // channels per 4-byte group
   pk->cpg = round_up(pk->Cg, per);
   pk->cgroups = pk->cpg / per;
@@ -318,6 +336,182 @@ void dw_planar(const uint8_t* const* planes, int nch, int64_t wb, int64_t sh, in
                int64_t out0, int64_t P, int64_t Ho, int64_t Wo) {
   PDQ_EPI_DISPATCH(dw_planar_t, planes, nch, wb, sh, sw, KH, ntg, idx, wq, e, c0, out0, P, Ho,
                    Wo);
+}
+#endif
+
+#ifdef PDQ_X86
+// NCHW-native implicit GEMM (stride 1, one group, int8 weights). The image is re-laid as
+// x4[c4][p][4]: 4 input channels interleaved per dword over the zero-point-padded plane (Hp x Wp
+// row-major, p = h * Wp + w, + slack), so that output p' = oh * Wp + ow reads
+// x4[c4][p' + kh * Wp + kw] for tap (kh, kw): 16 consecutive outputs are one 64-byte load.
+// Weights are broadcast: 4 output channels x 4 vectors of 16 outputs per tile, 16 vpdpbusd per
+// (tap, channel quad) for 4 loads + 4 broadcasts. Columns ow >= Wo of the padded width are
+// computed and dropped (vpcompressd before the stores), Wp / Wo extra work: used for 1x1 convs
+// (none) and Wo >= 16. Writes NCHW rows directly: no transposes on either side (on an
+// EfficientNet-Lite0 1x1 16->96 at 112x112 the NHWC path spent ~40% in them).
+// Re-layout cost: one SSE2 pass over x (4 x 16 input bytes -> 64 output bytes, 8 unpacks).
+void to_x4(const uint8_t* x, int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw,
+           int64_t Wp, int64_t L, uint8_t x_zp, uint8_t* dst) {
+  const int64_t c4n = (C + 3) / 4;
+  for (int64_t c4 = 0; c4 < c4n; ++c4) {
+    uint8_t* plane = dst + c4 * L * 4;
+    const uint8_t* row[4];
+    for (int64_t h = 0; h < H + 2 * ph; ++h) {
+      uint8_t* d = plane + h * Wp * 4;
+      if (h < ph || h >= ph + H) {
+        std::memset(d, x_zp, Wp * 4);
+        continue;
+      }
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = std::min(4 * c4 + i, C - 1);  // padded channels: any value (w = 0)
+        row[i] = x + (c * H + (h - ph)) * W;
+      }
+      std::memset(d, x_zp, pw * 4);
+      std::memset(d + (pw + W) * 4, x_zp, pw * 4);
+      d += pw * 4;
+      int64_t w0 = 0;
+      for (; w0 + 16 <= W; w0 += 16) {
+        const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[0] + w0));
+        const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[1] + w0));
+        const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[2] + w0));
+        const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[3] + w0));
+        const __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+        const __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+        __m128i* o = reinterpret_cast<__m128i*>(d + w0 * 4);
+        _mm_storeu_si128(o, _mm_unpacklo_epi16(t0, t2));
+        _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(t0, t2));
+        _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(t1, t3));
+        _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(t1, t3));
+      }
+      for (; w0 < W; ++w0)
+        for (int i = 0; i < 4; ++i) d[w0 * 4 + i] = row[i][w0];
+    }
+    std::memset(plane + (H + 2 * ph) * Wp * 4, x_zp, (L - (H + 2 * ph) * Wp) * 4);
+  }
+}
+
+struct NchwGeom {
+  int64_t L, c4n, ntaps, O, P, Ho, Wo, Wp;
+  const int64_t* toff;  // kh * Wp + kw, in pixels
+};
+
+// Output tiles of 4 channels x 64 positions p' in [p_begin, p_end) (multiples of 64).
+template <bool CODES, bool RES, int ACT>
+PDQ_VNNI void nchw_gemm_t(const uint8_t* x4, const int32_t* wn, const NchwGeom& g,
+                          const Epilogue& e, int64_t n, int64_t p_begin, int64_t p_end) {
+  const int64_t pvalid = g.Ho * g.Wp;
+  const __m512 vs = _mm512_set1_ps(e.out_scale), vzp = _mm512_set1_ps(e.out_zp);
+  const __m512 vqmax = _mm512_set1_ps(e.qmax);
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += 64) {
+    // Per 16-lane vector: valid lanes (p' < Ho * Wp, ow < Wo), first output index, count.
+    __mmask16 m[4];
+    int64_t start[4];
+    int cnt[4];
+    if (g.Wp == g.Wo) {  // no dropped columns: output index = p'
+      for (int j = 0; j < 4; ++j) {
+        const int64_t p = p0 + 16 * j;
+        cnt[j] = static_cast<int>(std::clamp<int64_t>(pvalid - p, 0, 16));
+        m[j] = static_cast<__mmask16>((1u << cnt[j]) - 1);
+        start[j] = p;
+      }
+    } else {
+      int64_t r = p0 / g.Wp, c = p0 % g.Wp;  // (row, column) of lane 0, walked without divides
+      for (int j = 0; j < 4; ++j) {
+        uint32_t bits = 0;
+        start[j] = -1;
+        for (int l = 0; l < 16; ++l) {
+          if (r < g.Ho && c < g.Wo) {
+            bits |= 1u << l;
+            if (start[j] < 0) start[j] = r * g.Wo + c;
+          }
+          if (++c == g.Wp) {
+            c = 0;
+            ++r;
+          }
+        }
+        m[j] = static_cast<__mmask16>(bits);
+        cnt[j] = __builtin_popcount(bits);
+      }
+    }
+    for (int64_t ob = 0; ob * 4 < g.O; ++ob) {
+      __m512i acc[4][4];
+#pragma GCC unroll 4
+      for (int o = 0; o < 4; ++o)
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) acc[o][j] = _mm512_setzero_si512();
+      const int32_t* w = wn + ob * g.ntaps * g.c4n * 4;
+      for (int64_t t = 0; t < g.ntaps; ++t) {
+        const uint8_t* base = x4 + (p0 + g.toff[t]) * 4;
+        for (int64_t c4 = 0; c4 < g.c4n; ++c4, w += 4) {
+          const uint8_t* a = base + c4 * g.L * 4;
+          __m512i xv[4];
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) xv[j] = _mm512_loadu_si512(a + 64 * j);
+#pragma GCC unroll 4
+          for (int o = 0; o < 4; ++o) {
+            const __m512i b = _mm512_set1_epi32(w[o]);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j) acc[o][j] = _mm512_dpbusd_epi32(acc[o][j], xv[j], b);
+          }
+        }
+      }
+      const int no = static_cast<int>(std::min<int64_t>(4, g.O - ob * 4));
+      __m512i zs[4];
+      __m512 sc[4], bi[4];
+      for (int o = 0; o < 4; ++o) {
+        const int64_t oc = ob * 4 + (o < no ? o : no - 1);
+        zs[o] = _mm512_set1_epi32(e.x_zp * e.sumw[oc]);
+        sc[o] = _mm512_set1_ps(e.scale[oc]);
+        bi[o] = _mm512_set1_ps(e.bias[oc]);
+      }
+      for (int j = 0; j < 4; ++j) {
+        if (cnt[j] == 0) continue;
+        const __mmask16 kc = static_cast<__mmask16>((1u << cnt[j]) - 1);  // compacted lanes
+        const bool dense = m[j] == kc;  // no dropped columns inside this vector
+        __m512 y[4];
+#pragma GCC unroll 4
+        for (int o = 0; o < 4; ++o) {
+          const int64_t oc = ob * 4 + (o < no ? o : no - 1);
+          const int64_t idx = (n * g.O + oc) * g.P + start[j];
+          __m512 r = _mm512_setzero_ps();
+          if constexpr (RES) {
+            r = _mm512_maskz_loadu_ps(kc, e.residual + idx);
+            if (!dense) r = _mm512_maskz_expand_ps(m[j], r);
+          }
+          // the activation comes after the residual add: applied below when RES
+          y[o] = yvec<false, RES ? 0 : ACT>(_mm512_sub_epi32(acc[o][j], zs[o]), sc[o], bi[o],
+                                            nullptr, m[j]);
+          if constexpr (RES) {
+            y[o] = _mm512_add_ps(y[o], r);  // the contract's order: (acc*scale + bias) + res
+            if constexpr (ACT == 1) y[o] = _mm512_max_ps(y[o], _mm512_setzero_ps());
+            if constexpr (ACT == 2)
+              y[o] = _mm512_min_ps(_mm512_max_ps(y[o], _mm512_setzero_ps()), _mm512_set1_ps(6.f));
+          }
+        }
+        const int64_t out0 = (n * g.O + ob * 4) * g.P + start[j];
+        if constexpr (CODES) {
+          __m512i q[4];
+#pragma GCC unroll 4
+          for (int o = 0; o < 4; ++o) {
+            q[o] = qvec(y[o], vs, vzp, vqmax);
+            if (!dense) q[o] = _mm512_maskz_compress_epi32(m[j], q[o]);
+          }
+          store_lanes(static_cast<uint8_t*>(e.out) + out0, g.P, narrow4(q[0], q[1], q[2], q[3]),
+                      no, kc);
+        } else {
+          for (int o = 0; o < no; ++o) {
+            const __m512 yo = dense ? y[o] : _mm512_maskz_compress_ps(m[j], y[o]);
+            store_f32(static_cast<float*>(e.out) + out0 + o * g.P, yo, kc);
+          }
+        }
+      }
+    }
+  }
+}
+
+void nchw_gemm(const uint8_t* x4, const int32_t* wn, const NchwGeom& g, const Epilogue& e,
+               int64_t n, int64_t p_begin, int64_t p_end) {
+  PDQ_EPI_DISPATCH(nchw_gemm_t, x4, wn, g, e, n, p_begin, p_end);
 }
 #endif
 
@@ -517,6 +711,42 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     return out;
   }
 
+#ifdef PDQ_X86
+  // When the NCHW-native GEMM beats the NHWC one (single thread, Zen 4, see the comment at
+  // to_x4): 1x1 convs unless the input is deep and the plane small (672/1152 channels at 7x7
+  // were ~1.2-1.4x faster on NHWC); KxK only from 32 columns (Wp/Wo <= 1.06; at 28 and 16
+  // columns the dropped padding columns cost more than the transposes they save).
+  const bool nchw_native = Wp == Wo ? (C <= 256 || Wo >= 28) : Wo >= 32;
+  if (!nhwc && pk.wn.defined() && isa == Isa::kAvx512Vnni && sh == 1 && sw == 1 &&
+      nchw_native) {
+    const int64_t c4n = (C + 3) / 4;
+    // Slack: the last 64-output block reads up to 63 + (KW - 1) positions past Ho * Wp + taps.
+    const int64_t L = Hp * Wp + 64 + pk.KW;
+    at::Tensor buf = at::empty({N, c4n, L, 4}, at::kByte);
+    uint8_t* x4 = buf.data_ptr<uint8_t>();
+    const uint8_t* xs = x.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
+      for (int64_t n = b; n < en; ++n)
+        to_x4(xs + n * C * H * W, C, H, W, ph, pw, Wp, L, static_cast<uint8_t>(x_zp),
+              x4 + n * c4n * L * 4);
+    });
+    std::vector<int64_t> toffp(ntaps);
+    for (int64_t kh = 0; kh < pk.KH; ++kh)
+      for (int64_t kw = 0; kw < pk.KW; ++kw) toffp[kh * pk.KW + kw] = kh * Wp + kw;
+    const NchwGeom geo{L, c4n, ntaps, O, P, Ho, Wo, Wp, toffp.data()};
+    const int64_t nblk = (Ho * Wp + 63) / 64;
+    const int32_t* wn = pk.wn.data_ptr<int32_t>();
+    at::parallel_for(0, N * nblk, 1, [&](int64_t b, int64_t en) {
+      for (int64_t it = b; it < en;) {  // runs of blocks of one image per call
+        const int64_t n = it / nblk, blk = it % nblk;
+        const int64_t last = std::min(en, (n + 1) * nblk);
+        nchw_gemm(x4 + n * c4n * L * 4, wn, geo, e, n, blk * 64, (blk + last - it) * 64);
+        it = last;
+      }
+    });
+    return out;
+  }
+#endif
   // Implicit GEMM over a padded NHWC buffer.
   const bool s16 = pk.mode == KMode::kS16;
   const int64_t elem = s16 ? 2 : 1;
