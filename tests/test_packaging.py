@@ -154,15 +154,19 @@ def test_collect_info_keys_and_json() -> None:
 
 def test_kernels_table_rows() -> None:
     assert len(info.kernels_table()) == len(info.registered_ops()) * len(info.BACKENDS)
-    rows = info.kernels_table(["example_op"])
+    assert "fake_quant_act" in info.registered_ops()
+    rows = info.kernels_table(["fake_quant_act"])
     assert [row.backend for row in rows] == list(info.BACKENDS)
     for row in rows:
         assert dataclasses.is_dataclass(row)
-        assert row.op == "example_op"
+        assert row.op == "fake_quant_act"
         assert isinstance(row.available, bool)
         assert row.reason
     reference = next(row for row in rows if row.backend == "reference")
     assert reference.available
+    # a backend that cannot run says why (no CUDA tensors on this machine, or no GPU)
+    cuda = next(row for row in rows if row.backend == "cuda")
+    assert cuda.available or "CUDA" in cuda.reason or "cuda" in cuda.reason
 
 
 def test_extension_status_is_consistent() -> None:
