@@ -37,6 +37,14 @@ alpha, writes w_q, bwd reads grad_wq, w_floor, alpha, writes grad_alpha: 28 N by
 ``GB/s = bytes / median``; ``copy_frac = GB/s / cpu_copy_bandwidth()`` (a large copy_ measured
 in the same run, read + write counted).
 
+Two effects dominate on a shared 2-core machine and hit every candidate: (1) with 2 threads each
+OpenMP parallel region waits for both threads, and under load (others' jobs) the second one may
+wait a scheduler slice (~12 ms measured for a plain ``x + 1`` on 262K elements): run with
+``--threads 1`` as well and report the load (``loadavg_1m`` in every row); (2) outputs above
+glibc's 32 MB mmap threshold (the Lite0 shape) are fresh pages on every call, so page faults cost
+more than the kernels (cpp step 104 ms -> 38 ms with ``THP_MEM_ALLOC_ENABLE=1``, torch's
+huge-page switch for its CPU allocator, at 1 thread).
+
 Every candidate is checked against the reference before it is timed (forward and grad_x
 bit-exact for the ``cpp`` fake-quant; other outputs within the budgets of tests/test_ops_cpu.py
 or, for the composites and torch's op, 1e-4 relative: they are other formulas of the same math).
@@ -370,7 +378,8 @@ def run_elementwise(case: Case, repeat: int, compile_: bool) -> list[dict]:
         try:
             out = fn()  # first call: compiles ste_compile
             validate(case, name, out, want)
-            times[name] = measure(fn, warmup=3, repeat=repeat)
+            slow = name == "reference"  # seconds per call on the large shapes
+            times[name] = measure(fn, warmup=1 if slow else 3, repeat=5 if slow else repeat)
             rows.append(_row(case, name, times[name]))
         except Exception as exc:  # a failing candidate is a row, not a crash
             rows.append(_row(case, name, None, status=f"{type(exc).__name__}: {exc}"[:200]))

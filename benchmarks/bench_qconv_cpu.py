@@ -28,7 +28,9 @@ Every candidate of ours is checked bit-exact against ``pdquant_fast.ops.referenc
 Columns: ``ms`` (median), ``GOPS`` = 2 * MACs / median, ``peak_frac`` = GOPS / VNNI int8 peak
 (KERNEL_ANCHORS.md 3.1: 467 GOPS per Zen 4 core, 934 for the 2 cores, measured), ``x_fp32`` and
 ``x_qint8`` = speed-up over those baselines (>1: faster). Network rows (``layer = "ALL"``) sum
-``count x median`` over the layers of one model and batch.
+``count x median`` over the layers of one model and batch. On a shared, loaded machine a call
+longer than a scheduler tick is often preempted, which inflates medians at random; ``p10_ms``
+and ``x_qint8_p10`` (10th percentiles, summed the same way) show the uncontended speed.
 
 Weight-bound linear (batch 1): ``qlinear_cpu`` with 4096 x 4096 weights at W4A8 / W2A8 (2-/4-bit
 lines unpacked in the kernel) and W8A8 (int8), against ``F.linear`` (float32) and
@@ -83,6 +85,8 @@ COLUMNS = [
     "peak_frac",
     "x_fp32",
     "x_qint8",
+    "p10_ms",
+    "x_qint8_p10",
 ]
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
@@ -258,6 +262,7 @@ def conv_rows(models, batches, repeat, threads) -> list[dict]:
         layers = model_layers(model)
         for n in batches[model]:
             totals: dict[str, float] = Counter()
+            totals_p10: dict[str, float] = Counter()
             macs_total = 0
             for layer, count in layers:
                 res = bench_layer(layer, n, repeat, g)
@@ -265,6 +270,7 @@ def conv_rows(models, batches, repeat, threads) -> list[dict]:
                 macs_total += macs * count
                 for cand, (t, path) in res.items():
                     totals[cand] += t.median_s * count
+                    totals_p10[cand] += t.p10_s * count
                     gops = 2 * macs / t.median_s / 1e9
                     rows.append(
                         {
@@ -282,6 +288,7 @@ def conv_rows(models, batches, repeat, threads) -> list[dict]:
                             "peak_frac": gops / peak,
                             "x_fp32": ratio(res["fp32"][0], t),
                             "x_qint8": ratio(res["qint8"][0], t),
+                            "x_qint8_p10": res["qint8"][0].p10_s / t.p10_s,
                             "macs": macs,
                             "threads": threads,
                             "loadavg_1m": os.getloadavg()[0],
@@ -302,6 +309,8 @@ def conv_rows(models, batches, repeat, threads) -> list[dict]:
                         "peak_frac": gops / peak,
                         "x_fp32": totals["fp32"] / total,
                         "x_qint8": totals["qint8"] / total,
+                        "p10_ms": totals_p10[cand] * 1e3,
+                        "x_qint8_p10": totals_p10["qint8"] / totals_p10[cand],
                         "macs": macs_total,
                         "threads": threads,
                         "loadavg_1m": os.getloadavg()[0],

@@ -380,8 +380,9 @@ inline void mse_search_ranges(const MseRow& row, int64_t bits, int64_t steps, in
     // Cheap bound: a clamped element's error is at least d/2, so |e|^2.4 >= e^2 (d s / 2)^0.4.
     const double ds = static_cast<double>(d) * sd;
     const double c0 = std::pow(0.5 * ds, 0.4);
-    auto tails = [&](int64_t z, double* sl, double* sh) {
-      const int64_t lo = first[off - z], hi = first[off + nz - z];
+    // Sums of squared scaled errors of the low tail [0, lo) and the high tail [hi, K) of z.
+    auto tails = [&](int64_t z, int64_t lo, int64_t hi, double* sl,
+                     double* sh) __attribute__((always_inline)) {
       const double c = static_cast<double>(z) * ds, nl = static_cast<double>(lo);
       const double c2 = static_cast<double>(nz - 1 - z) * ds, nh = static_cast<double>(K - hi);
       *sl = std::max(px2[lo] + 2.0 * c * px[lo] + nl * c * c -
@@ -393,9 +394,10 @@ inline void mse_search_ranges(const MseRow& row, int64_t bits, int64_t steps, in
     };
     int64_t zc = 0;
     for (int64_t z = 0; z < nz; ++z) {
+      const int64_t lo = first[off - z], hi = first[off + nz - z];
       double sl, sh;
-      tails(z, &sl, &sh);
-      cheap[z] = (pc[first[off + nz - z]] - pc[first[off - z]]) + c0 * (sl + sh);
+      tails(z, lo, hi, &sl, &sh);
+      cheap[z] = (pc[hi] - pc[lo]) + c0 * (sl + sh);
       if (cheap[z] < cheap[zc]) zc = z;
     }
     auto score = [&](int64_t z) {
@@ -412,7 +414,7 @@ inline void mse_search_ranges(const MseRow& row, int64_t bits, int64_t steps, in
       if (cheap[z] * (1.0 - kSlack) > best.score) continue;
       const int64_t lo = first[off - z], hi = first[off + nz - z];
       double sl, sh;
-      tails(z, &sl, &sh);
+      tails(z, lo, hi, &sl, &sh);
       const double nl = static_cast<double>(lo), nh = static_cast<double>(K - hi);
       double lb = pc[hi] - pc[lo];
       if (lo > 0) lb += nl * std::pow(sl / nl, 1.2);

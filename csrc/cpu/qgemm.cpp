@@ -391,39 +391,57 @@ void ukernel_packed(Isa isa, const UkPackedArgs& g) {
 // ------------------------------------------------------------------------------------------
 // epilogue
 
-static inline float requant_scalar(const Epilogue& e, int32_t raw, int64_t o, int64_t row,
-                                   int64_t idx) {
+// round_half_even for a float, without libm (baseline x86-64 has no roundss: nearbyint is a
+// call): |v| < 2^23 plus 2^23 lands where the spacing of floats is 1, so the addition rounds
+// to an integer in the current (nearest-even) mode; larger |v| are integers already. RNE is
+// symmetric, so the sign is put back after rounding |v|.
+static inline float round_half_even(float v) {
+  const float a = std::fabs(v);
+  if (!(a < 8388608.f)) return v;
+  float t = opaque(a + 8388608.f);
+  t = t - 8388608.f;
+  return std::copysign(t, v);
+}
+
+// One element of the epilogue (scalar reference structure; used by the AVX2 / scalar levels).
+template <bool CODES, bool RES, int ACT>
+static inline void requant_one(const Epilogue& e, int32_t raw, int64_t o, int64_t row,
+                               int64_t idx) {
   int32_t acc = raw - e.x_zp * e.sumw[o];
   if (e.off != nullptr) acc -= e.off[o] * e.sx[row];
   float y = opaque(static_cast<float>(acc) * e.scale[o]);
   y = y + e.bias[o];
-  if (e.residual != nullptr) y = y + e.residual[idx];
-  if (e.act == 1) {
-    y = std::max(y, 0.f);
-  } else if (e.act == 2) {
-    y = std::min(std::max(y, 0.f), 6.f);
-  }
-  return y;
-}
-
-static inline void store_scalar(const Epilogue& e, float y, int64_t idx) {
-  if (e.out_bits == 0) {
-    static_cast<float*>(e.out)[idx] = y;
-  } else {
-    float q = std::nearbyint(y / e.out_scale) + e.out_zp;
+  if constexpr (RES) y = y + e.residual[idx];
+  if constexpr (ACT == 1) y = std::max(y, 0.f);
+  if constexpr (ACT == 2) y = std::min(std::max(y, 0.f), 6.f);
+  if constexpr (CODES) {
+    float q = round_half_even(y / e.out_scale) + e.out_zp;
     q = std::min(std::max(q, 0.f), e.qmax);
     static_cast<uint8_t*>(e.out)[idx] = static_cast<uint8_t>(static_cast<int32_t>(q));
+  } else {
+    static_cast<float*>(e.out)[idx] = y;
   }
+}
+
+template <bool CODES, bool RES, int ACT>
+static void epilogue_scalar_t(const Epilogue& e, const int32_t* c, int64_t ldc,
+                              const TileDst& d) {
+  for (int r = 0; r < d.rows; ++r)
+    for (int j = 0; j < d.cols; ++j)
+      requant_one<CODES, RES, ACT>(e, c[r * ldc + j], d.o0 + j, d.sx_row0 + r,
+                                   d.base + r * d.row_stride + j * d.ch_stride);
+}
+
+template <bool CODES, bool RES, int ACT>
+static void epilogue_cols_scalar_t(const Epilogue& e, const int32_t* c, int64_t ldc, int64_t o0,
+                                   int nch, int64_t base, int64_t ch_stride, int npix) {
+  for (int i = 0; i < nch; ++i)
+    for (int px = 0; px < npix; ++px)
+      requant_one<CODES, RES, ACT>(e, c[i * ldc + px], o0 + i, 0, base + i * ch_stride + px);
 }
 
 static void epilogue_scalar(const Epilogue& e, const int32_t* c, int64_t ldc, const TileDst& d) {
-  for (int r = 0; r < d.rows; ++r) {
-    for (int j = 0; j < d.cols; ++j) {
-      const int64_t idx = d.base + r * d.row_stride + j * d.ch_stride;
-      const float y = requant_scalar(e, c[r * ldc + j], d.o0 + j, d.sx_row0 + r, idx);
-      store_scalar(e, y, idx);
-    }
-  }
+  PDQ_EPI_DISPATCH(epilogue_scalar_t, e, c, ldc, d);
 }
 
 #ifdef PDQ_X86
@@ -587,11 +605,7 @@ void epilogue_cols(Isa isa, const Epilogue& e, const int32_t* c, int64_t ldc, in
   if (isa == Isa::kAvx512Vnni) return epilogue_cols_vnni(e, c, ldc, o0, nch, base, ch_stride, npix);
 #endif
   (void)isa;
-  for (int i = 0; i < nch; ++i)
-    for (int px = 0; px < npix; ++px) {
-      const int64_t idx = base + i * ch_stride + px;
-      store_scalar(e, requant_scalar(e, c[i * ldc + px], o0 + i, 0, idx), idx);
-    }
+  PDQ_EPI_DISPATCH(epilogue_cols_scalar_t, e, c, ldc, o0, nch, base, ch_stride, npix);
 }
 
 bool has_vbmi() {
