@@ -46,7 +46,10 @@ Usage::
     pytest benchmarks/bench_qconv_cpu.py --benchmark-only
 
 Rows go to ``<out>/qconv_cpu.jsonl`` (default benchmarks/results/) with the load average;
-a table is printed.
+a table is printed. On the shared 2-vCPU VM, with other jobs running, use ``--threads 1``: every
+parallel region of a 2-thread call waits for a thread the scheduler has parked, and whole
+networks then ran ~10x slower than on one thread for every candidate alike (fp32, qint8 and ours;
+the rows with ``threads = 2`` of 2026-11-26 are such runs and do not measure the kernels).
 """
 
 from __future__ import annotations
