@@ -157,7 +157,7 @@ def fq_inputs(case: Case) -> dict:
         "zp": zp,
         "seed": seed,
         "mask": mask,
-        "grad": torch.randn_like(x),
+        "grad": torch.randn(case.shape, generator=g),
     }
 
 
