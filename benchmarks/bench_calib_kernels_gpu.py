@@ -55,6 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.calib_steps import fq_op_step, ste_adaround  # noqa: E402
 from benchmarks.common import Timing, gpu_hbm_peak, measure, record  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.ops import backends  # noqa: E402
@@ -167,28 +168,6 @@ def ste_fake_quant(x, delta, zp, n: int, keep_prob: float):
     if keep_prob < 1:
         y = torch.where(torch.rand_like(x) < keep_prob, y, x)
     return y
-
-
-def ste_adaround(w_floor, alpha, delta, zp, n: int, beta):
-    h = torch.clamp(torch.sigmoid(alpha) * (R.ZETA - R.GAMMA) + R.GAMMA, 0, 1)
-    w_q = (torch.clamp(w_floor + h + zp, 0, n) - zp) * delta
-    reg = (1 - (2 * h - 1).abs().pow(beta)).sum()
-    return w_q, reg
-
-
-def fq_op_step(case: Case, inp: dict) -> Callable:
-    """One forward + backward through ``pdquant::fake_quant_act`` (backend as currently forced)."""
-    d_param = inp["delta"].clone().requires_grad_()
-
-    def step():
-        x = inp["x"].detach().requires_grad_()
-        y = ops.fake_quant_act(
-            x, d_param, inp["zp"], case.bits, case.axis, case.keep_prob, inp["seed"], None
-        )
-        gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
-        return y, gx, gd
-
-    return step
 
 
 def fq_ste_step(case: Case, inp: dict, compiled: bool) -> Callable:
