@@ -321,9 +321,7 @@ class WeightQuantizer(nn.Module):
             )
             return w_q
         if self.mode == "hard":
-            w_floor = torch.floor(w / self.delta).contiguous()
-            codes = ops.adaround_hard(w_floor, self.alpha.detach().contiguous(), zp, self.bits)
-            return (codes.to(w.dtype) - self.zp) * self.delta
+            return (self._hard_codes(w).to(w.dtype) - self.zp) * self.delta
         raise ValueError(f"unknown weight quantizer mode {self.mode!r}")
 
     @torch.no_grad()
@@ -332,9 +330,14 @@ class WeightQuantizer(nn.Module):
         if self.mode == "soft":
             raise RuntimeError("finalise AdaRound (hard rounding) before exporting integer weights")
         if self.mode == "hard":
-            w_int = torch.floor(w / self.delta) + (self.alpha >= 0).float()
-            return torch.clamp(w_int + self.zp, 0, self.n)
+            return self._hard_codes(w).to(w.dtype)
         return quantize_int(w, self.delta, self.zp, self.bits)
+
+    def _hard_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of hard AdaRound rounding (the ``adaround_hard`` op)."""
+        w_floor = torch.floor(w / self.delta).contiguous()
+        zp = self._per_channel(self.zp)
+        return ops.adaround_hard(w_floor, self.alpha.detach().contiguous(), zp, self.bits)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, mode={self.mode}, enabled={self.enabled}"
