@@ -30,10 +30,12 @@ import csv
 import glob
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -584,7 +586,8 @@ def plot_calib_time(runs: list[Run], path: Path, title: str) -> Path:
 
 
 def load_bench_rows(paths: Iterable[str | Path]) -> list[dict]:
-    """Rows of ``.jsonl`` files (each row gets ``_file``: the file's stem, the suite name)."""
+    """Rows of ``.jsonl`` files (each row gets ``_file``: the file's stem, the suite name, and
+    ``_path``: the file it came from)."""
     rows = []
     for p in paths:
         p = Path(p)
@@ -596,6 +599,7 @@ def load_bench_rows(paths: Iterable[str | Path]) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{p}:{i + 1} is not a JSON row: {exc}") from exc
             row["_file"] = p.stem
+            row["_path"] = str(p)
             rows.append(row)
     return rows
 
@@ -621,7 +625,10 @@ def latest_rows(rows: list[dict]) -> list[dict]:
         params = tuple(
             (k, v)
             for k, v in row.items()
-            if k not in ENV_KEYS and isinstance(v, (str, int, bool)) and not _is_timing(v)
+            if k not in ENV_KEYS
+            and not k.startswith("_")
+            and isinstance(v, (str, int, bool))
+            and not _is_timing(v)
         )
         keep[(row.get("_file"), row.get("device"), params)] = row
     return list(keep.values())
@@ -672,31 +679,35 @@ def _row_timing(row: dict) -> tuple[float | None, float | None, float | None]:
     return None, None, None
 
 
+def latency_point(row: dict) -> LatencyPoint | None:
+    """The latency point of one row (see the module docstring), or None when the row has no
+    format, batch or timing. A ``threads`` field is folded into the device name."""
+    batch = row.get("batch", row.get("batch_size"))
+    fmt = _row_format(row)
+    med, p10, p90 = _row_timing(row)
+    if not isinstance(batch, int) or fmt is None or med is None:
+        return None
+    return LatencyPoint(
+        model=str(row.get("model", "")),
+        format=fmt,
+        batch=batch,
+        median_s=float(med),
+        p10_s=p10,
+        p90_s=p90,
+        device=device_label(row),
+    )
+
+
 def latency_points(rows: list[dict]) -> tuple[list[LatencyPoint], int]:
     """Latency points from benchmark rows (see the module docstring); returns (points, skipped).
     A ``threads`` field is folded into the device name (one panel per thread count)."""
     pts, skipped = [], 0
     for row in latest_rows(rows):
-        batch = row.get("batch", row.get("batch_size"))
-        fmt = _row_format(row)
-        med, p10, p90 = _row_timing(row)
-        if not isinstance(batch, int) or fmt is None or med is None:
+        pt = latency_point(row)
+        if pt is None:
             skipped += 1
-            continue
-        device = str(row.get("device", "?"))
-        if isinstance(row.get("threads"), int) and "thread" not in device:
-            device += f", {row['threads']} thread(s)"
-        pts.append(
-            LatencyPoint(
-                model=str(row.get("model", "")),
-                format=fmt,
-                batch=batch,
-                median_s=float(med),
-                p10_s=p10,
-                p90_s=p90,
-                device=device,
-            )
-        )
+        else:
+            pts.append(pt)
     return pts, skipped
 
 
@@ -837,6 +848,597 @@ def rows_commands(rows: list[dict], root: Path | None = None) -> list[str]:
                 out.append(f"python {hit.relative_to(root)}")
                 break
     return sorted(set(out))
+
+
+# ----------------------------------------------------------------------------- README speed tables
+# Compact tables of the committed benchmark rows for README.md's "Speed" section
+# (benchmarks/make_readme_tables.py). Every number is a field of a row, or a ratio of two fields of
+# rows of the same run; nothing is typed in.
+
+KERNEL_BASELINES = ("ste_compile", "torch_learnable", "reference", "ste_eager")
+"""Calibration-kernel candidates that are baselines; every other candidate (``cpp``, ``cuda``,
+``triton``, ``cuda+graph``, ``triton+graph``, ...) is one of the library's fused kernels."""
+
+_OP_NAMES = {"fq": "fake-quant", "ada": "AdaRound", "init": "init search"}
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt_num(v: Any) -> str:
+    """Three significant digits, thousands separators, no exponent (0.0659, 1.62, 74.8, 3,980);
+    ``–`` for a missing value."""
+    if not _num(v):
+        return "–"
+    if v == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(v)))
+    r = round(v, 2 - mag)
+    if r != 0 and math.floor(math.log10(abs(r))) > mag:  # 9.996 -> 10.0
+        mag += 1
+    return f"{r:,.{max(0, 2 - mag)}f}"
+
+
+def fmt_ratio(r: Any) -> str:
+    """A speed ratio: ``172×``, ``5.6×``, ``0.22×``; ``–`` for a missing value."""
+    if not _num(r) or r <= 0:
+        return "–"
+    if r >= 9.95:
+        return f"{r:,.0f}×"
+    if r >= 0.995:
+        return f"{r:.1f}×"
+    return f"{r:.{1 - math.floor(math.log10(r))}f}×"  # two significant digits: 0.40×, 0.057×
+
+
+def fmt_pct(frac: Any) -> str:
+    return fmt_num(frac * 100) + "%" if _num(frac) else "–"
+
+
+def _when(row: dict) -> datetime:
+    """The row's ``timestamp`` (its run), oldest possible when missing or unreadable."""
+    try:
+        when = datetime.fromisoformat(str(row.get("timestamp")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Rows written by one benchmark process (``benchmarks.common.record`` stamps all the rows of
+    a run with one timestamp)."""
+    return (a.get("timestamp"), a.get("git_sha"), a.get("_file")) == (
+        b.get("timestamp"),
+        b.get("git_sha"),
+        b.get("_file"),
+    )
+
+
+def device_label(row: dict) -> str:
+    """``device``, with ``threads`` appended when the device string does not name them."""
+    device = str(row.get("device", "?"))
+    if isinstance(row.get("threads"), int) and "thread" not in device:
+        device += f", {row['threads']} thread(s)"
+    return device
+
+
+def latest_per_key(rows: list[dict], key: Callable[[dict], Any]) -> list[dict]:
+    """One row per ``key(row)``: the one of the newest run (``timestamp``; of equally new rows the
+    later one), in input order."""
+    best: dict[Any, int] = {}
+    for i, row in enumerate(rows):
+        k = key(row)
+        if k not in best or _when(row) >= _when(rows[best[k]]):
+            best[k] = i
+    return [rows[i] for i in sorted(best.values())]
+
+
+def latest_run_rows(rows: list[dict], group: Callable[[dict], Any]) -> list[dict]:
+    """Every row of the newest run (``timestamp``) of each ``group(row)``, in input order."""
+    newest: dict[Any, datetime] = {}
+    for row in rows:
+        g, w = group(row), _when(row)
+        if g not in newest or w > newest[g]:
+            newest[g] = w
+    return [r for r in rows if _when(r) == newest[group(r)]]
+
+
+def _cell(v: Any) -> str:
+    return "–" if v is None else str(v).replace("|", "/")
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
+
+
+# --- calibration kernels (benchmarks/bench_calib_kernels_{cpu,gpu}.py)
+
+
+def _kernel_ok(row: dict) -> bool:
+    return str(row.get("status", "ok")).startswith("ok") and _num(row.get("ms"))
+
+
+@dataclass
+class KernelCase:
+    """One case of a calibration-kernel suite on one device (and thread count): the fastest fused
+    candidate that ran and passed its check, and the baselines."""
+
+    case: str
+    shape: str | None
+    kind: str | None
+    bits: Any
+    per_channel: bool | None
+    keep_prob: float | None
+    inferred: bool  # kind / per_channel read from the case name (rows without those fields)
+    fused: dict | None  # the fastest fused candidate's row
+    eager: dict | None  # the fastest fused candidate without a CUDA graph, when ``fused`` has one
+    baselines: dict[str, dict]  # candidate -> row (status ok)
+    failed: list[tuple[str, str]]  # (candidate, status) of rows without a validated timing
+
+    @property
+    def op(self) -> str:
+        name = _OP_NAMES.get(self.kind or "", self.kind or "–")
+        if _num(self.keep_prob) and self.keep_prob < 1:
+            name += f" + QDrop {self.keep_prob:g}"
+        return name
+
+    def ms(self, candidate: str) -> float | None:
+        row = self.baselines.get(candidate)
+        return row["ms"] if row else None
+
+    def ratio(self, candidate: str, field: str = "ms") -> float | None:
+        """Baseline time ÷ our time, both of the same run (None otherwise)."""
+        base, ours = self.baselines.get(candidate), self.fused
+        if base is None or ours is None or not same_run(base, ours):
+            return None
+        if not (_num(base.get(field)) and _num(ours.get(field)) and ours[field] > 0):
+            return None
+        return base[field] / ours[field]
+
+
+def _case_meta(case: str, rows: list[dict]) -> tuple[str | None, bool | None, bool]:
+    kind = next((r["kind"] for r in rows if isinstance(r.get("kind"), str)), None)
+    pc = next((r["per_channel"] for r in rows if isinstance(r.get("per_channel"), bool)), None)
+    inferred = False
+    tokens = case.lower().split("_")
+    if kind is None:
+        kind = next((k for k in ("fq", "ada", "init") if case.lower().startswith(k)), None)
+        inferred = inferred or kind is not None
+    if pc is None and ("channel" in tokens or "tensor" in tokens):
+        pc, inferred = "channel" in tokens, True
+    return kind, pc, inferred
+
+
+def kernel_cases(rows: list[dict]) -> dict[tuple[str, str], list[KernelCase]]:
+    """Calibration-kernel rows -> {(suite, device label): cases in benchmark order}. Only the
+    newest row of each (suite, device and threads, case, candidate) is used; ratios are only taken
+    between rows of the same run."""
+    rows = latest_per_key(
+        rows, lambda r: (r.get("_file"), device_label(r), r.get("case"), r.get("candidate"))
+    )
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for r in rows:
+        g = groups.setdefault((str(r.get("_file", "")), device_label(r)), {})
+        g.setdefault(str(r.get("case")), []).append(r)
+    out: dict[tuple[str, str], list[KernelCase]] = {}
+    for gk in sorted(groups):
+        cases = []
+        for case, crs in groups[gk].items():
+            fused = [r for r in crs if r.get("candidate") not in KERNEL_BASELINES]
+            good = [r for r in fused if _kernel_ok(r)]
+            best = min(good, key=lambda r: r["ms"]) if good else None
+            eager = None
+            if best is not None and "graph" in str(best.get("candidate")):
+                no_graph = [r for r in good if "graph" not in str(r.get("candidate"))]
+                eager = min(no_graph, key=lambda r: r["ms"]) if no_graph else None
+            kind, pc, inferred = _case_meta(case, crs)
+            cases.append(
+                KernelCase(
+                    case=case,
+                    shape=next((r["shape"] for r in crs if r.get("shape")), None),
+                    kind=kind,
+                    bits=next((r["bits"] for r in crs if r.get("bits") is not None), None),
+                    per_channel=pc,
+                    keep_prob=next((r["keep_prob"] for r in crs if _num(r.get("keep_prob"))), None),
+                    inferred=inferred,
+                    fused=best,
+                    eager=eager,
+                    baselines={
+                        r["candidate"]: r
+                        for r in crs
+                        if r.get("candidate") in KERNEL_BASELINES and _kernel_ok(r)
+                    },
+                    failed=[
+                        (str(r.get("candidate")), str(r.get("status", "no timing")))
+                        for r in crs
+                        if not _kernel_ok(r)
+                    ],
+                )
+            )
+        out[gk] = cases
+    return out
+
+
+def _bandwidth_limit(fused: list[dict]) -> tuple[str, str, str | None]:
+    """(fraction field, column header, sentence naming the limit) for the fused rows."""
+    hbm = [r for r in fused if _num(r.get("hbm_frac"))]
+    if hbm:
+        peaks = sorted({r["hbm_peak_GBs"] for r in hbm if _num(r.get("hbm_peak_GBs"))})
+        peak = " / ".join(fmt_num(p) for p in peaks) or "not recorded"
+        return "hbm_frac", "% of HBM peak", f"HBM peak {peak} GB/s (the rows' `hbm_peak_GBs`)"
+    copy = [r for r in fused if _num(r.get("copy_frac")) and _num(r.get("GB/s")) and r["copy_frac"]]
+    if copy:
+        bws = sorted({fmt_num(r["GB/s"] / r["copy_frac"]) for r in copy})
+        return (
+            "copy_frac",
+            "% of copy BW",
+            f"copy bandwidth measured in the same run, {' / '.join(bws)} GB/s (GB/s ÷ copy_frac)",
+        )
+    return "", "% of BW limit", None
+
+
+def kernel_markdown(cases: list[KernelCase]) -> str:
+    """The step table (fake-quant / AdaRound cases) and the init-search table of one group."""
+    steps = [c for c in cases if c.kind != "init" and c.fused is not None]
+    inits = [c for c in cases if c.kind == "init" and c.fused is not None]
+    lines: list[str] = []
+    if steps:
+        names = sorted({str(c.fused["candidate"]) for c in steps if c.fused})
+        one = len(names) == 1
+        field, bw_head, bw_text = _bandwidth_limit([c.fused for c in steps if c.fused])
+        graphs = any(c.eager is not None for c in steps)
+        head = ["case", "shape", "op", "bits", "per-channel"]
+        head += [f"ours (`{names[0]}`) ms"] if one else ["ours", "ours ms"]
+        if graphs:
+            head.append("ours without graph, ms")
+        head += ["torch.compile ms", "learnable op ms", "reference ms"]
+        head += ["× compile", "× learnable", "× reference", "GB/s", bw_head]
+        body = []
+        for c in steps:
+            f = c.fused or {}
+            row = [c.case, c.shape, c.op, c.bits, _yes_no(c.per_channel)]
+            row += [fmt_num(f["ms"])] if one else [f"`{f['candidate']}`", fmt_num(f["ms"])]
+            if graphs:
+                e = c.eager
+                row.append(f"{fmt_num(e['ms'])} (`{e['candidate']}`)" if e else "–")
+            row += [fmt_num(c.ms(k)) for k in ("ste_compile", "torch_learnable", "reference")]
+            row += [fmt_ratio(c.ratio(k)) for k in ("ste_compile", "torch_learnable", "reference")]
+            row += [fmt_num(f.get("GB/s")), fmt_pct(f.get(field)) if field else "–"]
+            body.append(row)
+        text = (
+            "Forward + backward of one step, median ms; × = baseline ms ÷ ours, from the same run "
+            "(> 1× = ours faster)"
+        )
+        if not one:
+            text += "; ours = the fastest fused candidate that passed its check"
+        if bw_text:
+            text += f". GB/s = bytes a fused step must move ÷ time; limit: {bw_text}"
+        lines += [text + ".", "", *_md_table(head, body), ""]
+        if graphs:
+            lines += [
+                "`+graph`: our step captured once in a CUDA graph and replayed; torch.compile, the "
+                "learnable op and the reference are launched eagerly, so part of those ratios is "
+                "launch overhead (compare `ours without graph`).",
+                "",
+            ]
+    if inits:
+        head = ["layer", "shape", "bits", "ours s (whole layer)", "reference s (est. whole layer)"]
+        head += ["reference rows timed", "× reference"]
+        body = []
+        for c in inits:
+            f, ref = c.fused or {}, c.baselines.get("reference")
+            rows_total = _layer_rows(c.shape, f)
+            ours_s = f["ms_per_row"] * rows_total / 1e3 if _num(f.get("ms_per_row")) else None
+            if ours_s is None and _num(f.get("ms")):
+                ours_s = f["ms"] / 1e3
+            ref_s = None
+            if ref is not None and _num(ref.get("ms_per_row")) and rows_total:
+                ref_s = ref["ms_per_row"] * rows_total / 1e3
+            body.append(
+                [
+                    c.case,
+                    c.shape,
+                    c.bits,
+                    fmt_num(ours_s),
+                    fmt_num(ref_s),
+                    "–" if ref is None else _cell(ref.get("rows")),
+                    fmt_ratio(c.ratio("reference", "ms_per_row")),
+                ]
+            )
+        name = sorted({str(c.fused["candidate"]) for c in inits if c.fused})
+        lines += [
+            f"MSE init search of a whole weight layer (ours: {', '.join(f'`{n}`' for n in name)}); "
+            "the reference is timed on its first rows only and extrapolated per row "
+            "(× = reference ms per row ÷ ours, same run).",
+            "",
+            *_md_table(head, body),
+            "",
+        ]
+    inferred = [c.case for c in cases if c.inferred]
+    if inferred:
+        lines += [
+            "These rows record no `kind` / `bits` / `per_channel` / `keep_prob`: op and "
+            "per-channel are read from the case name; bits and QDrop are not shown.",
+            "",
+        ]
+    failed = [(c.case, n, st) for c in cases for n, st in c.failed]
+    if failed:
+        items = "; ".join(f"`{n}` on {case} ({st})" for case, n, st in failed)
+        lines += [f"Not in the table (no validated timing in this run): {items}.", ""]
+    return "\n".join(lines).rstrip()
+
+
+def _yes_no(v: bool | None) -> str:
+    return "–" if v is None else ("yes" if v else "no")
+
+
+def _layer_rows(shape: str | None, row: dict) -> int | None:
+    """Output rows of a 2-D weight ``OxI`` (the init search runs per row)."""
+    try:
+        return int(str(shape).split("x")[0])
+    except ValueError:
+        return row.get("rows") if isinstance(row.get("rows"), int) else None
+
+
+# --- whole calibration and one reconstruction step (bench_calibration.py, bench_calib_step.py)
+
+
+def run_groups(rows: list[dict]) -> list[list[dict]]:
+    """The newest run per (suite, device and threads, command), each as its rows in order."""
+
+    def key(r):
+        return (str(r.get("_file", "")), device_label(r), str(r.get("command", "")))
+
+    rows = latest_run_rows(rows, key)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _vs_reference(row: dict, rows: list[dict], field: str, value: str) -> float | None:
+    """``row[field]``, else the reference row's ``value`` ÷ this row's, from the same run."""
+    if _num(row.get(field)):
+        return row[field]
+    ref = next(
+        (
+            r
+            for r in rows
+            if "reference" in (r.get("variant"), r.get("backend")) and same_run(r, row)
+        ),
+        None,
+    )
+    if ref is None or not _num(ref.get(value)) or not _num(row.get(value)) or not row[value]:
+        return None
+    return ref[value] / row[value]
+
+
+def calib_step_markdown(rows: list[dict]) -> str:
+    """One reconstruction iteration per variant (bench_calib_step.py rows of one run)."""
+    head = ["model", "unit", "variant", "backend", "ms / iteration (p10–p90)", "× reference"]
+    body = []
+    for r in rows:
+        spread = ""
+        if _num(r.get("p10_ms")) and _num(r.get("p90_ms")):
+            spread = f" ({fmt_num(r['p10_ms'])}–{fmt_num(r['p90_ms'])})"
+        body.append(
+            [
+                r.get("model"),
+                r.get("unit"),
+                r.get("variant"),
+                r.get("backend"),
+                fmt_num(r.get("ms_per_iter")) + spread,
+                fmt_ratio(_vs_reference(r, rows, "speedup_vs_reference", "ms_per_iter")),
+            ]
+        )
+    return "\n".join(_md_table(head, body))
+
+
+def calibration_markdown(rows: list[dict]) -> str:
+    """A whole calibration per backend (bench_calibration.py rows of one run)."""
+    head = ["model", "method", "bits", "iters", "seed", "backend", "wall s"]
+    head += ["reconstruction s", "ms / iteration", "top-1 %", "× wall", "× per iteration"]
+    head += ["same predictions as reference"]
+    body = []
+    for r in rows:
+        body.append(
+            [
+                r.get("model"),
+                r.get("method"),
+                r.get("bits"),
+                r.get("iters"),
+                r.get("seed"),
+                r.get("backend"),
+                fmt_num(r.get("wall_s")),
+                fmt_num(r.get("opt_s")),
+                fmt_num(r.get("ms_per_iter")),
+                fmt_num(r.get("top1")),
+                fmt_ratio(_vs_reference(r, rows, "speedup_wall", "wall_s")),
+                fmt_ratio(_vs_reference(r, rows, "speedup_iters", "ms_per_iter")),
+                r.get("pred_agreement"),
+            ]
+        )
+    return "\n".join(_md_table(head, body))
+
+
+# --- packed-model latency (bench_packed_latency.py)
+
+
+def _latency_kind(row: dict) -> str:
+    name = str(row.get("impl") or row.get("format") or "").lower()
+    if "fp32" in name or "float" in name:
+        return "fp32"
+    if "int8" in name:
+        return "int8"
+    if "packed" in name:
+        return "packed"
+    return "other"
+
+
+def _hardware(row: dict) -> str:
+    """The device string without its thread count ("AMD EPYC (2 logical cores, 1 torch threads)"
+    -> "AMD EPYC (2 logical cores)")."""
+    return re.sub(r",?\s*\d+\s+torch threads?", "", str(row.get("device", "?"))).strip()
+
+
+def _bits_key(fmt: str) -> tuple:
+    m = re.search(r"W(\d+)A(\d+)", fmt)
+    return (-int(m.group(1)), -int(m.group(2))) if m else (0, 0)
+
+
+@dataclass
+class LatencyCell:
+    row: dict
+    ms: float
+    x_fp32: float | None  # fp32 ms ÷ this, same run and batch
+    x_int8: float | None  # int8 ms ÷ this, same run and batch (packed formats only)
+
+
+@dataclass
+class LatencyTable:
+    model: str
+    device: str
+    batches: list[int]
+    formats: list[str]
+    cells: dict[tuple[str, int], LatencyCell]
+
+    @property
+    def rows(self) -> list[dict]:
+        return [c.row for c in self.cells.values()]
+
+
+LATENCY_RULE = (
+    "Each cell is the newest measurement of its (model, device, threads, format, bit-width, "
+    "backend, batch); the ratios divide by the fp32 / int8 time of the same run and batch. "
+    "Packed rows of the `reference` backend (the unfused PyTorch fallback) are left out for a "
+    "model that has packed rows of a kernel backend on the same CPU/GPU."
+)
+
+
+def latency_tables(rows: list[dict]) -> tuple[list[LatencyTable], list[str]]:
+    """Latency rows -> one table per (model, device and threads) with a row per format (fp32,
+    int8, each packed bit-width and backend) and a column per batch size; and notes on what was
+    left out (see :data:`LATENCY_RULE`)."""
+    valid, notes = [], []
+    skipped = 0
+    for r in rows:
+        if latency_point(r) is None:
+            skipped += 1
+        else:
+            valid.append(r)
+    kernel_backends = {
+        (r.get("model"), _hardware(r))
+        for r in valid
+        if _latency_kind(r) == "packed" and r.get("backend") not in (None, "reference")
+    }
+
+    def dropped(r):
+        return (
+            _latency_kind(r) == "packed"
+            and r.get("backend") == "reference"
+            and (r.get("model"), _hardware(r)) in kernel_backends
+        )
+
+    gone = [r for r in valid if dropped(r)]
+    valid = [r for r in valid if not dropped(r)]
+    if gone:
+        runs = sorted({(str(r.get("model")), device_label(r), str(r.get("git_sha"))) for r in gone})
+        notes.append(
+            f"Left out: {len(gone)} `reference`-backend packed row(s) ("
+            + "; ".join(f"{m} on {d}, git {s}" for m, d, s in runs)
+            + ")."
+        )
+    if skipped:
+        notes.append(f"{skipped} row(s) without format/batch/timing were left out.")
+    sel = latest_per_key(
+        valid,
+        lambda r: (r.get("model"), device_label(r), _row_format(r), latency_point(r).batch),
+    )
+    tables = []
+    empty = []
+    for model, device in sorted({(str(r.get("model", "")), device_label(r)) for r in sel}):
+        trs = [r for r in sel if (str(r.get("model", "")), device_label(r)) == (model, device)]
+        if not any(_latency_kind(r) == "packed" for r in trs):
+            empty.append(f"{model or 'model not recorded'} on {device}")
+            continue
+        cells: dict[tuple[str, int], LatencyCell] = {}
+        for r in trs:
+            pt = latency_point(r)
+            ms = pt.median_s * 1e3
+            kind = _latency_kind(r)
+            x_fp32 = x_int8 = None
+            if kind != "fp32":
+                x_fp32 = _same_run_ratio(r, valid, "fp32", ms)
+                if x_fp32 is None and _num(r.get("speedup_vs_fp32")):
+                    x_fp32 = r["speedup_vs_fp32"]
+            if kind == "packed":
+                x_int8 = _same_run_ratio(r, valid, "int8", ms)
+            cells[(pt.format, pt.batch)] = LatencyCell(r, ms, x_fp32, x_int8)
+        order = {"fp32": 0, "int8": 1, "packed": 2, "other": 3}
+        formats = sorted(
+            {f for f, _ in cells},
+            key=lambda f: (
+                order[_latency_kind(next(c.row for (g, _), c in cells.items() if g == f))],
+                _bits_key(f),
+                f,
+            ),
+        )
+        batches = sorted({b for _, b in cells})
+        tables.append(LatencyTable(model, device, batches, formats, cells))
+    if empty:
+        notes.append(
+            "No table for " + "; ".join(empty) + " (no packed row left: fp32 / int8 only)."
+        )
+    return tables, notes
+
+
+def _same_run_ratio(row: dict, rows: list[dict], kind: str, ms: float) -> float | None:
+    """Baseline (``kind``) ms ÷ ``ms`` for the baseline row of the same run, model, device and
+    batch (the one with the same ``bits`` label when the run has several)."""
+    pt = latency_point(row)
+    base = [
+        r
+        for r in rows
+        if _latency_kind(r) == kind
+        and same_run(r, row)
+        and r.get("model") == row.get("model")
+        and device_label(r) == device_label(row)
+        and latency_point(r).batch == pt.batch
+    ]
+    if not base or ms <= 0:
+        return None
+    b = next((r for r in base if r.get("bits") == row.get("bits")), base[-1])
+    return latency_point(b).median_s * 1e3 / ms
+
+
+def latency_table_markdown(t: LatencyTable) -> str:
+    """Cells ``ms (×fp32, ×int8)``; † marks a packed row whose output differed from the reference
+    backend's in its run (``validated: false``)."""
+    head = ["format"] + [f"batch {b}" for b in t.batches]
+    body, flagged = [], False
+    for f in t.formats:
+        row = [f]
+        for b in t.batches:
+            c = t.cells.get((f, b))
+            if c is None:
+                row.append("–")
+                continue
+            pairs = ((c.x_fp32, "fp32"), (c.x_int8, "int8"))
+            extra = [f"{fmt_ratio(x)} {n}" for x, n in pairs if x is not None]
+            cell = fmt_num(c.ms) + (f" ({', '.join(extra)})" if extra else "")
+            if c.row.get("validated") is False:
+                cell, flagged = cell + " †", True
+            row.append(cell)
+        body.append(row)
+    lines = _md_table(head, body)
+    if flagged:
+        lines += ["", "† output differed from the reference backend's in that run (not validated)."]
+    return "\n".join(lines)
+
+
+def latency_table_points(tables: list[LatencyTable]) -> list[LatencyPoint]:
+    return [pt for t in tables for c in t.cells.values() if (pt := latency_point(c.row))]
 
 
 # ----------------------------------------------------------------------------- sweep report

@@ -536,7 +536,7 @@ def test_readme_generator_is_idempotent_and_needs_its_markers(tmp_path):
     root = tmp_path / "repo"
     (root / "benchmarks").mkdir(parents=True)
     (root / "benchmarks" / "results").symlink_to(ROOT / "benchmarks" / "results")
-    names = ("accuracy", "kernels", "latency")
+    names = ("accuracy", "kernels", "calibration", "latency")
     blocks = "".join(
         f"<!-- BEGIN GENERATED: {n} -->\nSTALE-PLACEHOLDER\n<!-- END GENERATED: {n} -->\n"
         for n in names
