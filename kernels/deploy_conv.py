@@ -35,7 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .deploy_linear import _requant_epilogue, _to_codes, interpret_mode, pick_config
+from .deploy_linear import (
+    _requant_epilogue,
+    _to_codes,
+    dequantize_residual,
+    interpret_mode,
+    pick_config,
+)
 
 
 @triton.jit
@@ -365,6 +371,8 @@ def qconv2d_triton(
     out_scale: float,
     out_zp: int,
     out_bits: int,
+    res_scale: float = 0.0,
+    res_zp: int = 0,
     *,
     config: QConvConfig | None = None,
     layout: str = "auto",
@@ -373,11 +381,13 @@ def qconv2d_triton(
 
     ``x`` uint8 codes ``[N, C, H, W]`` (NCHW or channels-last memory); ``w`` int8/int16
     ``[O, C/groups, kh, kw]`` offsets or a :class:`QConvPacked`; ``scale``/``bias`` float32
-    ``[O]``; ``residual`` float32 ``[N, O, Ho, Wo]`` (any memory format) or None. Returns float32
+    ``[O]``; ``residual`` ``[N, O, Ho, Wo]`` (any memory format): None, float32, or uint8 codes
+    with ``res_scale``/``res_zp`` (dequantized to float32 before the launch). Returns float32
     (``out_bits == 0``) or uint8 codes ``[N, O, Ho, Wo]`` in ``x``'s memory format, bit-exact
     with the reference. ``layout``: ``"auto"`` computes on channels-last activations (converting
     an NCHW ``x`` first), ``"native"`` gathers from ``x`` as it is laid out.
     """
+    residual = dequantize_residual(residual, res_scale, res_zp)
     pk = w if isinstance(w, QConvPacked) else qconv2d_prepack_triton(w, groups)
     if pk.groups != groups:
         raise ValueError(

@@ -1088,6 +1088,18 @@ def run_qmm(
     return launch(config)
 
 
+def dequantize_residual(
+    residual: torch.Tensor | None, res_scale: float, res_zp: int
+) -> torch.Tensor | None:
+    """uint8 residual codes -> float32 ``(float32(code) - res_zp) * res_scale`` (separate
+    rounding steps, as ``pdquant_fast.ops.reference.dequantize_residual``); anything else as is."""
+    if residual is None or residual.dtype != torch.uint8:
+        return residual
+    zp = torch.tensor(float(res_zp), dtype=torch.float32, device=residual.device)
+    s = torch.tensor(float(res_scale), dtype=torch.float32, device=residual.device)
+    return (residual.to(torch.float32) - zp) * s
+
+
 def qlinear_triton(
     x: torch.Tensor,
     x_zp: int,
@@ -1099,6 +1111,8 @@ def qlinear_triton(
     out_scale: float,
     out_zp: int,
     out_bits: int,
+    res_scale: float = 0.0,
+    res_zp: int = 0,
     *,
     config: QMMConfig | None = None,
 ) -> torch.Tensor:
@@ -1106,7 +1120,9 @@ def qlinear_triton(
 
     ``x`` uint8 codes ``[N, K]``; ``w`` int8/int16 offsets ``[O, K]`` or a
     :class:`QLinearPacked` from :func:`qlinear_prepack_triton`; ``scale``/``bias`` float32
-    ``[O]``; ``residual`` float32 ``[N, O]`` or None. Returns float32 (``out_bits == 0``) or
+    ``[O]``; ``residual`` ``[N, O]``: None, float32, or uint8 codes (dequantized to float32 by
+    :func:`dequantize_residual` before the launch: the kernel reads float32). Returns float32
+    (``out_bits == 0``) or
     uint8 codes ``[N, O]``, bit-exact with the reference (int32 acc exact; requant in float32
     with the reference's operation order, IEEE division, round half to even).
     """
@@ -1121,6 +1137,7 @@ def qlinear_triton(
         )
     if x.stride(-1) != 1:
         x = x.contiguous()
+    residual = dequantize_residual(residual, res_scale, res_zp)
     return run_qmm(
         x,
         x_zp,

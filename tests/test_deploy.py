@@ -199,6 +199,16 @@ def test_qconv2d_rejects_bad_input():
         ops.qconv2d(x, 0, w, s, b, [1, 1], [1, 1], 1, 0, torch.zeros(1, 2, 4, 4), 0.1, 0, 4)
     with pytest.raises(OpInputError, match="act must be one of"):
         ops.qconv2d(x, 0, w, s, b, [1, 1], [1, 1], 1, 3, None, 0.1, 0, 4)
+    codes = torch.zeros(1, 2, 5, 5, dtype=torch.uint8)
+    with pytest.raises(OpInputError, match="residual must be float32 values or uint8"):
+        ops.qconv2d(x, 0, w, s, b, [1, 1], [1, 1], 1, 0, codes.int(), 0.1, 0, 4)
+    with pytest.raises(OpInputError, match="uint8 residual needs res_scale"):
+        ops.qconv2d(x, 0, w, s, b, [1, 1], [1, 1], 1, 0, codes, 0.1, 0, 4)
+    with pytest.raises(OpInputError, match="res_zp must be an int in 0..255"):
+        ops.qconv2d(x, 0, w, s, b, [1, 1], [1, 1], 1, 0, codes, 0.1, 0, 4, 0.5, 256)
+    # valid: codes with their step and zero point, the same as their float32 dequantization
+    got = ops.qconv2d(x, 0, w, s, b, [1, 1], [1, 1], 1, 0, codes + 3, 0.0, 0, 0, 0.5, 1)
+    assert torch.equal(got, torch.full((1, 2, 5, 5), 1.0))
     big = torch.full((1, 40000), 255, dtype=torch.int16)
     with pytest.raises(OpInputError, match="int32 accumulator could overflow"):
         ops.qlinear(

@@ -318,6 +318,24 @@ def test_qconv2d_bit_exact(case):
     assert torch.equal(dc.qconv2d_triton(*dev).cpu(), ref)  # plain weight, runtime-style call
 
 
+def test_residual_codes_bit_exact():
+    """uint8 residual codes with (res_scale, res_zp): the kernels read the reference's float32
+    dequantization of them, so conv and linear stay bit-exact."""
+    gen = torch.Generator().manual_seed(23)
+    args, _ = _conv_args(CONV_CASES[0], seed=5)
+    args = list(args)
+    args[9] = torch.randint(0, 16, tuple(args[9].shape), generator=gen, dtype=torch.uint8)
+    ref = qconv2d_reference(*args, 0.0731, 3)
+    dev = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    assert torch.equal(dc.qconv2d_triton(*dev, 0.0731, 3).cpu(), ref)
+    largs = list(q_inputs(5, 17, 40, torch.int8, 4, seed=9, device="cpu", act=1, res=True,
+                          out_bits=4))
+    largs[6] = torch.randint(0, 16, (5, 17), generator=gen, dtype=torch.uint8)
+    ref = qlinear_reference(*largs, 0.0731, 3)
+    dev = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in largs]
+    assert torch.equal(dl.qlinear_triton(*dev, 0.0731, 3).cpu(), ref)
+
+
 def test_qconv2d_padding_is_the_zero_point():
     """All-zero-point image: every tap (inside or padding) is 0 after the offset -> acc 0."""
     x = torch.full((1, 16, 4, 4), 9, dtype=torch.uint8)

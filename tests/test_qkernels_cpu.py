@@ -41,7 +41,18 @@ VARIANTS = [
     dict(act=2, res=False, out_bits=8, cl=True),
     dict(act=1, res=True, out_bits=0, cl=True),
     dict(act=0, res=False, out_bits=2, cl=False),
+    # residual as uint8 activation codes with (res_scale, res_zp), dequantized in the epilogue
+    dict(act=2, res="codes", out_bits=4, cl=False),
+    dict(act=0, res="codes", out_bits=0, cl=True),
 ]
+
+
+def _residual(g, shape, res):
+    """(residual, res_scale, res_zp) for a VARIANTS ``res``: None, float32, or 4-bit codes."""
+    if res == "codes":
+        zp = int(torch.randint(0, 16, (1,), generator=g))
+        return torch.randint(0, 16, shape, generator=g, dtype=torch.uint8), 0.0731, zp
+    return (torch.randn(*shape, generator=g) if res else None), 0.0, 0
 
 
 @pytest.fixture(autouse=True)
@@ -65,10 +76,12 @@ def _conv_case(g, n, c, h, w, o, k, s, p, groups, w_bits, a_bits, act, res, out_
     scale = torch.rand(o, generator=g) * 0.02 + 1e-3
     bias = torch.randn(o, generator=g)
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-    r = torch.randn(n, o, ho, wo, generator=g) if res else None
+    r, rs, rzp = _residual(g, (n, o, ho, wo), res)
     out_scale = 0.05 if out_bits else 0.0
     out_zp = int(torch.randint(0, 1 << out_bits, (1,), generator=g)) if out_bits else 0
     args = (x_zp, wt, scale, bias, [s, s], [p, p], groups, act, r, out_scale, out_zp, out_bits)
+    if res == "codes":
+        args += (rs, rzp)
     ref = qconv2d_reference(x, *args)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -181,9 +194,11 @@ def test_qlinear_bit_exact(isa, shape):
             x_zp = int(torch.randint(0, 1 << a_bits, (1,), generator=g))
             scale = torch.rand(o, generator=g) * 0.02
             bias = torch.randn(o, generator=g)
-            r = torch.randn(n, o, generator=g) if v["res"] else None
+            r, rs, rzp = _residual(g, (n, o), v["res"])
             ob = v["out_bits"]
             args = (x_zp, w, scale, bias, v["act"], r, 0.07 if ob else 0.0, 1 if ob else 0, ob)
+            if v["res"] == "codes":
+                args += (rs, rzp)
             ref = qlinear_reference(x, *args)
             assert torch.equal(_C.qlinear_cpu(x, *args), ref), (isa, shape, w_bits, a_bits, v)
             # sub-byte storage (2-/4-bit lines, unpacked in the kernel), inferred and explicit
@@ -266,6 +281,48 @@ def test_qconv2d_bad_input(index, value, message):
         _C.qconv2d_cpu(*args)
 
 
+@pytest.mark.parametrize(
+    ("residual", "res_scale", "res_zp", "message"),
+    [
+        (torch.zeros(1, 8, 5, 5, dtype=torch.int32), 0.1, 0, "residual must be a float32"),
+        (torch.zeros(1, 8, 5, 5, dtype=torch.uint8), 0.0, 0, "need res_scale finite and > 0"),
+        (torch.zeros(1, 8, 5, 5, dtype=torch.uint8), float("nan"), 0, "res_scale finite"),
+        (torch.zeros(1, 8, 5, 5, dtype=torch.uint8), 0.1, 256, "res_zp must be a uint8 code"),
+        (torch.zeros(1, 8, 4, 5, dtype=torch.uint8), 0.1, 0, "residual must have the output's"),
+    ],
+)
+def test_residual_codes_bad_input(residual, res_scale, res_zp, message):
+    args = _good_conv_args()
+    args[9] = residual
+    with pytest.raises(ValueError, match=message):
+        _C.qconv2d_cpu(*args, res_scale, res_zp)
+    x = torch.zeros(2, 16, dtype=torch.uint8)
+    w = torch.ones(8, 16, dtype=torch.int8)
+    lin = [x, 0, w, torch.ones(8), torch.zeros(8), 0, None, 0.1, 0, 4, res_scale, res_zp]
+    bad_shape = residual.shape[2] != 5
+    lin[6] = torch.zeros((3, 8) if bad_shape else (2, 8), dtype=residual.dtype)
+    with pytest.raises(ValueError, match=message.replace("have the output's", "have")):
+        _C.qlinear_cpu(*lin)
+
+
+def test_residual_codes_equal_dequantized_float_residual():
+    """A uint8 residual with (res_scale, res_zp) gives exactly the output of the float32
+    residual the packed runtime's dequantize makes of it (so the runtime may pass codes)."""
+    from pdquant_fast.deploy.runtime import ActParams
+
+    g = torch.Generator().manual_seed(17)
+    act = ActParams(4, 0.0731, 5)
+    x, args, _ = _conv_case(g, 2, 16, 9, 9, 16, 3, 1, 1, 1, 4, 4, 1, False, 4, False)
+    codes = torch.randint(0, 16, (2, 16, 9, 9), generator=g, dtype=torch.uint8)
+    a = list(args)
+    a[8] = act.dequantize(codes)
+    want = _C.qconv2d_cpu(x, *a)
+    a[8] = codes
+    got = _C.qconv2d_cpu(x, *a, act.delta_value, act.zp_int)
+    assert torch.equal(got, want)
+    assert torch.equal(qconv2d_reference(x, *a, act.delta_value, act.zp_int), want)
+
+
 def test_prepacked_blob_checks():
     args = _good_conv_args()
     args[2] = _C.qconv2d_prepack_cpu(args[2], 1)
@@ -319,3 +376,68 @@ def test_qconv2d_random_sweep(isa):
         shape = (2, cg * groups, h, h + 1, og * groups, k, s, p, groups)
         x, args, ref = _conv_case(g, *shape, w_bits, a_bits, **v)
         assert torch.equal(_C.qconv2d_cpu(x, *args), ref), (shape, w_bits, a_bits, v)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_codes_bit_exact(isa):
+    """float32 -> codes equals the reference on ragged sizes (SIMD body + masked tail), exact
+    .5 ties (round half to even), both clamps, huge values, channels_last and strided inputs."""
+    from pdquant_fast.ops.reference import quantize_codes_reference
+
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(29)
+    delta = 0.0731
+    for n in (1, 15, 16, 17, 63, 64, 65, 1000, 4099):
+        x = torch.randn(n, generator=g) * 0.6
+        x[::7] = (torch.randint(-20, 20, (len(x[::7]),), generator=g) + 0.5) * 0.25  # ties
+        x[::11] = torch.tensor(3e38)
+        x[::13] = -1e30
+        for bits, zp in ((2, 1), (4, 0), (4, 7), (8, 128)):
+            d = 0.25 if n % 2 else delta
+            ref = quantize_codes_reference(x, d, zp, bits)
+            assert torch.equal(_C.quantize_codes_cpu(x, d, zp, bits), ref), (n, bits, zp)
+    x = torch.randn(3, 17, 9, 7, generator=g)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    q = _C.quantize_codes_cpu(cl, delta, 3, 4)
+    assert q.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(q, quantize_codes_reference(x, delta, 3, 4))
+    strided = x[:, ::2, 1:]
+    assert torch.equal(
+        _C.quantize_codes_cpu(strided, delta, 3, 4), quantize_codes_reference(strided, delta, 3, 4)
+    )
+
+
+def test_quantize_codes_op_matches_runtime_formula_and_rejects_bad_input():
+    """The op (C++ kernel by default) gives exactly the packed runtime's former
+    ``clamp(round(x / delta_t) + zp_t, 0, n)`` on 0-d float32 tensors; bad arguments raise."""
+    from pdquant_fast import ops
+
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 16, 11, 11, generator=g) * 2
+    delta_t, zp_t = torch.tensor(0.0731), torch.tensor(5.0)
+    want = torch.clamp(torch.round(x / delta_t) + zp_t, 0, 15).to(torch.uint8)
+    assert torch.equal(ops.quantize_codes(x, 0.0731, 5, 4), want)
+    with pytest.raises(ops.OpInputError, match="bits must be an int in 2..8"):
+        ops.quantize_codes(x, 0.1, 0, 9)
+    with pytest.raises(ops.OpInputError, match="delta must be finite and > 0"):
+        ops.quantize_codes(x, 0.0, 0, 4)
+    with pytest.raises(ops.OpInputError, match="delta must be finite and > 0"):
+        ops.quantize_codes(x, 1e-50, 0, 4)  # 0 in float32
+    with pytest.raises(ops.OpInputError, match="zp must be an int in 0..15"):
+        ops.quantize_codes(x, 0.1, 16, 4)
+    with pytest.raises(ops.OpInputError, match="x must be"):
+        ops.quantize_codes(x.double(), 0.1, 0, 4)
+    with pytest.raises(ValueError, match="bits must be 2..8"):
+        _C.quantize_codes_cpu(x, 0.1, 0, 1)
+    with pytest.raises(ValueError, match="zp must be a code 0..3"):
+        _C.quantize_codes_cpu(x, 0.1, 4, 2)
+
+
+def test_quantize_codes_op_keeps_channels_last():
+    from pdquant_fast import ops
+    from pdquant_fast.ops.reference import quantize_codes_reference
+
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    q = ops.quantize_codes(x, 0.05, 2, 4)
+    assert q.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(q, quantize_codes_reference(x, 0.05, 2, 4))

@@ -3,12 +3,13 @@
 // Contract (pdquant_fast/ops/library.py, deployment section):
 //   acc[n,o,p] = sum over the receptive field of (x - x_zp) * w        int32, exact
 //   y = float(acc) * scale[o] + bias[o]; (+ residual); act; float32 out or uint8 codes
+// residual: float32 values, or uint8 codes read as (float(q) - res_zp) * res_scale.
 // padding = x_zp in code space. x: uint8 [N,C,H,W]; w: int8 (or int16 for 8-bit weights)
 // offsets w_code - w_zp, [O, C/groups, KH, KW].
 //
 // Entry points (pdquant_fast._C):
 //   qconv2d_cpu(x, x_zp, w, scale, bias, stride, padding, groups, act, residual, out_scale,
-//               out_zp, out_bits)
+//               out_zp, out_bits, res_scale = 0, res_zp = 0)
 //       w an int8/int16 tensor: prepacks on every call (correct, slower);
 //       w a QConvPackedCpu from qconv2d_prepack_cpu: uses it (what the packed runtime does)
 //   qconv2d_prepack_cpu(w, groups) -> QConvPackedCpu   once, at load time
@@ -317,8 +318,8 @@ PDQ_VBMI void dw_planar_t(const uint8_t* const* planes, int nch, int64_t wb, int
       __m512 y[4];
 #pragma GCC unroll 4
       for (int ci = 0; ci < 4; ++ci)
-        y[ci] = yvec<RES, ACT>(_mm512_sub_epi32(acc[ci], zs[ci]), sc[ci], bi[ci],
-                               RES ? e.residual + o + (ci < nch ? ci : nch - 1) * P : nullptr, k);
+        y[ci] = yvec<RES, ACT>(_mm512_sub_epi32(acc[ci], zs[ci]), sc[ci], bi[ci], e,
+                               o + (ci < nch ? ci : nch - 1) * P, k);
       if constexpr (CODES) {
         store_lanes(static_cast<uint8_t*>(e.out) + o, P,
                     narrow4(qvec(y[0], vs, vzp, vqmax), qvec(y[1], vs, vzp, vqmax),
@@ -475,12 +476,12 @@ PDQ_VNNI void nchw_gemm_t(const uint8_t* x4, const int32_t* wn, const NchwGeom& 
           const int64_t idx = (n * g.O + oc) * g.P + start[j];
           __m512 r = _mm512_setzero_ps();
           if constexpr (RES) {
-            r = _mm512_maskz_loadu_ps(kc, e.residual + idx);
+            r = res_vec(e, idx, kc);
             if (!dense) r = _mm512_maskz_expand_ps(m[j], r);
           }
           // the activation comes after the residual add: applied below when RES
-          y[o] = yvec<false, RES ? 0 : ACT>(_mm512_sub_epi32(acc[o][j], zs[o]), sc[o], bi[o],
-                                            nullptr, m[j]);
+          y[o] = yvec<false, RES ? 0 : ACT>(_mm512_sub_epi32(acc[o][j], zs[o]), sc[o], bi[o], e,
+                                            0, m[j]);
           if constexpr (RES) {
             y[o] = _mm512_add_ps(y[o], r);  // the contract's order: (acc*scale + bias) + res
             if constexpr (ACT == 1) y[o] = _mm512_max_ps(y[o], _mm512_setzero_ps());
@@ -551,7 +552,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
                const at::Tensor& bias, const std::vector<int64_t>& stride_in,
                const std::vector<int64_t>& padding_in, int64_t groups, int64_t act,
                const std::optional<at::Tensor>& residual, double out_scale, int64_t out_zp,
-               int64_t out_bits) {
+               int64_t out_bits, double res_scale, int64_t res_zp) {
   check(x_in.dim() == 4, "x must be 4-d [N, C, H, W] uint8 codes, got " + shape_str(x_in));
   check(x_in.scalar_type() == at::kByte, std::string("x must be uint8 activation codes, got ") +
                                              std::string(c10::toString(x_in.scalar_type())));
@@ -596,10 +597,18 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   at::Tensor res;
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    check(r.scalar_type() == at::kFloat && r.device().is_cpu(),
-          "residual must be a float32 CPU tensor");
+    check((r.scalar_type() == at::kFloat || r.scalar_type() == at::kByte) && r.device().is_cpu(),
+          "residual must be a float32 (values) or uint8 (codes) CPU tensor, got " +
+              std::string(c10::toString(r.scalar_type())));
     check(r.sizes() == out.sizes(), "residual must have the output's shape " + shape_str(out) +
                                         ", got " + shape_str(r));
+    if (r.scalar_type() == at::kByte) {
+      check(std::isfinite(res_scale) && res_scale > 0,
+            "uint8 residual codes need res_scale finite and > 0, got " +
+                std::to_string(res_scale));
+      check(0 <= res_zp && res_zp <= 255,
+            "res_zp must be a uint8 code 0..255, got " + std::to_string(res_zp));
+    }
     res = r.contiguous(fmt);
   }
   if (N == 0 || P == 0) return out;
@@ -610,7 +619,13 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   e.sumw = pk.sumw.data_ptr<int32_t>();
   e.scale = scale.data_ptr<float>();
   e.bias = bias.data_ptr<float>();
-  e.residual = res.defined() ? res.data_ptr<float>() : nullptr;
+  if (res.defined() && res.scalar_type() == at::kByte) {
+    e.residual_q = res.data_ptr<uint8_t>();
+    e.res_scale = static_cast<float>(res_scale);
+    e.res_zp = static_cast<float>(res_zp);
+  } else if (res.defined()) {
+    e.residual = res.data_ptr<float>();
+  }
   e.act = static_cast<int>(act);
   e.out_scale = static_cast<float>(out_scale);
   e.out_zp = static_cast<float>(out_zp);
@@ -822,10 +837,11 @@ at::Tensor qconv2d_cpu(const at::Tensor& x, int64_t x_zp, const at::Tensor& w,
                        const at::Tensor& scale, const at::Tensor& bias,
                        const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
                        int64_t groups, int64_t act, const std::optional<at::Tensor>& residual,
-                       double out_scale, int64_t out_zp, int64_t out_bits) {
+                       double out_scale, int64_t out_zp, int64_t out_bits, double res_scale,
+                       int64_t res_zp) {
   const auto pk = prepack(w, groups);
   return run(*pk, x, x_zp, scale, bias, stride, padding, groups, act, residual, out_scale,
-             out_zp, out_bits);
+             out_zp, out_bits, res_scale, res_zp);
 }
 
 at::Tensor qconv2d_packed_cpu(const at::Tensor& x, int64_t x_zp, const PackedConv& pk,
@@ -833,9 +849,9 @@ at::Tensor qconv2d_packed_cpu(const at::Tensor& x, int64_t x_zp, const PackedCon
                               const std::vector<int64_t>& stride,
                               const std::vector<int64_t>& padding, int64_t groups, int64_t act,
                               const std::optional<at::Tensor>& residual, double out_scale,
-                              int64_t out_zp, int64_t out_bits) {
+                              int64_t out_zp, int64_t out_bits, double res_scale, int64_t res_zp) {
   return run(pk, x, x_zp, scale, bias, stride, padding, groups, act, residual, out_scale, out_zp,
-             out_bits);
+             out_bits, res_scale, res_zp);
 }
 
 void register_qconv(pybind11::module_& m) {
@@ -862,6 +878,7 @@ void register_qconv(pybind11::module_& m) {
         py::arg("scale"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
         py::arg("groups"), py::arg("act"), py::arg("residual"), py::arg("out_scale"),
         py::arg("out_zp"), py::arg("out_bits"),
+        py::arg("res_scale") = 0.0, py::arg("res_zp") = 0,
         "pdquant::qconv2d on CPU (prepacks w on every call; use qconv2d_prepack_cpu + "
         "qconv2d_packed_cpu at load time / run time)");
   // The packed runtime (pdquant_fast.deploy.runtime) passes the prepacked blob in place of w to
@@ -869,13 +886,15 @@ void register_qconv(pybind11::module_& m) {
   m.def("qconv2d_cpu", &qconv2d_packed_cpu, py::arg("x"), py::arg("x_zp"), py::arg("w"),
         py::arg("scale"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
         py::arg("groups"), py::arg("act"), py::arg("residual"), py::arg("out_scale"),
-        py::arg("out_zp"), py::arg("out_bits"));
+        py::arg("out_zp"), py::arg("out_bits"), py::arg("res_scale") = 0.0,
+        py::arg("res_zp") = 0);
   m.def("qconv2d_prepack_cpu", &prepack, py::arg("w"), py::arg("groups"),
         "prepack int8/int16 conv weight offsets [O, C/groups, KH, KW] for qconv2d_packed_cpu");
   m.def("qconv2d_packed_cpu", &qconv2d_packed_cpu, py::arg("x"), py::arg("x_zp"),
         py::arg("packed"), py::arg("scale"), py::arg("bias"), py::arg("stride"),
         py::arg("padding"), py::arg("groups"), py::arg("act"), py::arg("residual"),
         py::arg("out_scale"), py::arg("out_zp"), py::arg("out_bits"),
+        py::arg("res_scale") = 0.0, py::arg("res_zp") = 0,
         "qconv2d_cpu with weights from qconv2d_prepack_cpu (same arguments, w -> packed)");
 }
 

@@ -411,7 +411,15 @@ static inline void requant_one(const Epilogue& e, int32_t raw, int64_t o, int64_
   if (e.off != nullptr) acc -= e.off[o] * e.sx[row];
   float y = opaque(static_cast<float>(acc) * e.scale[o]);
   y = y + e.bias[o];
-  if constexpr (RES) y = y + e.residual[idx];
+  if constexpr (RES) {
+    float r;
+    if (e.residual != nullptr) {
+      r = e.residual[idx];
+    } else {
+      r = opaque((static_cast<float>(e.residual_q[idx]) - e.res_zp) * e.res_scale);
+    }
+    y = y + r;
+  }
   if constexpr (ACT == 1) y = std::max(y, 0.f);
   if constexpr (ACT == 2) y = std::min(std::max(y, 0.f), 6.f);
   if constexpr (CODES) {
@@ -490,8 +498,8 @@ PDQ_VNNI_INLINE void cols_vnni_t(const Epilogue& e, const __m512i* r, int n, int
       const int64_t o = o0 + i;
       __m512i v = _mm512_sub_epi32(r[i], _mm512_set1_epi32(e.x_zp * e.sumw[o]));
       if (e.off) v = _mm512_sub_epi32(v, _mm512_mullo_epi32(_mm512_set1_epi32(e.off[o]), sxv));
-      y[q] = yvec<RES, ACT>(v, _mm512_set1_ps(e.scale[o]), _mm512_set1_ps(e.bias[o]),
-                            RES ? e.residual + base0 + i * ch_stride : nullptr, k);
+      y[q] = yvec<RES, ACT>(v, _mm512_set1_ps(e.scale[o]), _mm512_set1_ps(e.bias[o]), e,
+                            base0 + i * ch_stride, k);
     }
     const int64_t base = base0 + i0 * ch_stride;
     if constexpr (CODES) {
@@ -541,8 +549,7 @@ PDQ_VNNI static void epilogue_vnni_t(const Epilogue& e, const int32_t* c, int64_
           if (e.off)
             v = _mm512_sub_epi32(v,
                                  _mm512_mullo_epi32(of, _mm512_set1_epi32(e.sx[d.sx_row0 + r])));
-          const float* res = RES ? e.residual + d.base + r * d.row_stride + j0 : nullptr;
-          y[i] = yvec<RES, ACT>(v, sc, bi, res, k);
+          y[i] = yvec<RES, ACT>(v, sc, bi, e, d.base + r * d.row_stride + j0, k);
         }
         if constexpr (CODES) {
           const __m512i b = narrow4(qvec(y[0], vs, vzp, vqmax), qvec(y[1], vs, vzp, vqmax),

@@ -88,7 +88,8 @@ void ukernel_packed(Isa isa, const UkPackedArgs& args);
 // Requantisation of an int32 tile, exactly the contract's formula:
 //   acc = raw - x_zp * sumw[o] (- off[o] * sx[r])
 //   y = float(acc) * scale[o] + bias[o]      (two roundings, no FMA)
-//   y = y + residual                          (if residual)
+//   y = y + r                                 (if residual: r = residual[idx], or for uint8
+//                                              residual codes r = (float(q) - res_zp) * res_scale)
 //   y = relu(y) / min(max(y, 0), 6)           (act 1 / 2)
 //   out = y (float32)  or  clamp(round_half_even(y / out_scale) + out_zp, 0, 2^bits - 1) (uint8)
 struct Epilogue {
@@ -98,7 +99,10 @@ struct Epilogue {
   const int32_t* sx = nullptr;    // per row (indexed by the tile's row index + sx_row0) or null
   const float* scale = nullptr;   // [O]
   const float* bias = nullptr;    // [O]
-  const float* residual = nullptr;  // same layout as out, or null
+  const float* residual = nullptr;      // same layout as out, or null
+  const uint8_t* residual_q = nullptr;  // or uint8 codes in that layout (residual null)
+  float res_scale = 0.f;                // their step and zero point
+  float res_zp = 0.f;
   int act = 0;
   float out_scale = 1.f;
   float out_zp = 0.f;

@@ -3,14 +3,17 @@
 // Contract (pdquant_fast/ops/library.py, deployment section):
 //   acc[n,o] = sum_k (x[n,k] - x_zp) * w[o,k]                       int32, exact
 //   y = float(acc) * scale[o] + bias[o]; (+ residual); act; float32 out or uint8 codes
+// residual: float32 values, or uint8 codes read as (float(q) - res_zp) * res_scale.
 // x: uint8 [N, K]; w: int8 (or int16 for 8-bit weights) offsets w_code - w_zp, [O, K].
 //
 // Entry points (pdquant_fast._C):
-//   qlinear_cpu(x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits)
+//   qlinear_cpu(x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits,
+//               res_scale = 0, res_zp = 0)
 //       w an int8/int16 tensor: prepacks w (as bytes) on every call: correct, slower;
 //       w a QLinearPackedCpu from qlinear_prepack_cpu: uses it (what the packed runtime does)
 //   qlinear_prepack_cpu(w, w_bits) -> QLinearPackedCpu        once, at load time
-//   qlinear_packed_cpu(x, x_zp, packed, scale, bias, act, residual, out_scale, out_zp, out_bits)
+//   qlinear_packed_cpu(x, x_zp, packed, scale, bias, act, residual, out_scale, out_zp, out_bits,
+//                      res_scale, res_zp)
 //       the op's argument list with w -> packed
 //
 // Storage of the prepacked weights (w_bits = bits the offsets were quantised with):
@@ -190,7 +193,7 @@ std::shared_ptr<PackedLinear> prepack(const at::Tensor& w_in, int64_t w_bits) {
 at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
                const at::Tensor& scale, const at::Tensor& bias, int64_t act,
                const std::optional<at::Tensor>& residual, double out_scale, int64_t out_zp,
-               int64_t out_bits) {
+               int64_t out_bits, double res_scale, int64_t res_zp) {
   check(x_in.dim() == 2, "x must be 2-d [N, K] uint8 codes, got " + shape_str(x_in));
   check(x_in.scalar_type() == at::kByte, std::string("x must be uint8 activation codes, got ") +
                                              std::string(c10::toString(x_in.scalar_type())));
@@ -220,10 +223,18 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
   at::Tensor res;
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    check(r.scalar_type() == at::kFloat && r.device().is_cpu(),
-          "residual must be a float32 CPU tensor");
+    check((r.scalar_type() == at::kFloat || r.scalar_type() == at::kByte) && r.device().is_cpu(),
+          "residual must be a float32 (values) or uint8 (codes) CPU tensor, got " +
+              std::string(c10::toString(r.scalar_type())));
     check(r.sizes() == out.sizes(), "residual must have the output's shape " + shape_str(out) +
                                         ", got " + shape_str(r));
+    if (r.scalar_type() == at::kByte) {
+      check(std::isfinite(res_scale) && res_scale > 0,
+            "uint8 residual codes need res_scale finite and > 0, got " +
+                std::to_string(res_scale));
+      check(0 <= res_zp && res_zp <= 255,
+            "res_zp must be a uint8 code 0..255, got " + std::to_string(res_zp));
+    }
     res = r.contiguous();
   }
   if (N == 0) return out;
@@ -270,7 +281,13 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
   e.sx = sub ? sx_t.data_ptr<int32_t>() : nullptr;
   e.scale = scale.data_ptr<float>();
   e.bias = bias.data_ptr<float>();
-  e.residual = res.defined() ? res.data_ptr<float>() : nullptr;
+  if (res.defined() && res.scalar_type() == at::kByte) {
+    e.residual_q = res.data_ptr<uint8_t>();
+    e.res_scale = static_cast<float>(res_scale);
+    e.res_zp = static_cast<float>(res_zp);
+  } else if (res.defined()) {
+    e.residual = res.data_ptr<float>();
+  }
   e.act = static_cast<int>(act);
   e.out_scale = static_cast<float>(out_scale);
   e.out_zp = static_cast<float>(out_zp);
@@ -335,16 +352,18 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
 at::Tensor qlinear_cpu(const at::Tensor& x, int64_t x_zp, const at::Tensor& w,
                        const at::Tensor& scale, const at::Tensor& bias, int64_t act,
                        const std::optional<at::Tensor>& residual, double out_scale,
-                       int64_t out_zp, int64_t out_bits) {
+                       int64_t out_zp, int64_t out_bits, double res_scale, int64_t res_zp) {
   const auto pk = prepack(w, 8);
-  return run(*pk, x, x_zp, scale, bias, act, residual, out_scale, out_zp, out_bits);
+  return run(*pk, x, x_zp, scale, bias, act, residual, out_scale, out_zp, out_bits,
+             res_scale, res_zp);
 }
 
 at::Tensor qlinear_packed_cpu(const at::Tensor& x, int64_t x_zp, const PackedLinear& pk,
                               const at::Tensor& scale, const at::Tensor& bias, int64_t act,
                               const std::optional<at::Tensor>& residual, double out_scale,
-                              int64_t out_zp, int64_t out_bits) {
-  return run(pk, x, x_zp, scale, bias, act, residual, out_scale, out_zp, out_bits);
+                              int64_t out_zp, int64_t out_bits, double res_scale, int64_t res_zp) {
+  return run(pk, x, x_zp, scale, bias, act, residual, out_scale, out_zp, out_bits,
+             res_scale, res_zp);
 }
 
 void register_qlinear(pybind11::module_& m) {
@@ -370,12 +389,14 @@ void register_qlinear(pybind11::module_& m) {
   m.def("qlinear_cpu", &qlinear_cpu, py::arg("x"), py::arg("x_zp"), py::arg("w"),
         py::arg("scale"), py::arg("bias"), py::arg("act"), py::arg("residual"),
         py::arg("out_scale"), py::arg("out_zp"), py::arg("out_bits"),
+        py::arg("res_scale") = 0.0, py::arg("res_zp") = 0,
         "pdquant::qlinear on CPU (prepacks w as bytes on every call; use qlinear_prepack_cpu + "
         "qlinear_packed_cpu at load time / run time)");
   // The packed runtime passes the prepacked blob in place of w to qlinear_cpu itself.
   m.def("qlinear_cpu", &qlinear_packed_cpu, py::arg("x"), py::arg("x_zp"), py::arg("w"),
         py::arg("scale"), py::arg("bias"), py::arg("act"), py::arg("residual"),
-        py::arg("out_scale"), py::arg("out_zp"), py::arg("out_bits"));
+        py::arg("out_scale"), py::arg("out_zp"), py::arg("out_bits"), py::arg("res_scale") = 0.0,
+        py::arg("res_zp") = 0);
   m.def("qlinear_prepack_cpu", &prepack, py::arg("w"), py::arg("w_bits") = 0,
         "prepack int8/int16 weight offsets [O, K] for qlinear_packed_cpu; w_bits 2 or 3-4: "
         "2-/4-bit lines (each row must span <= 2^bits - 1 codes), 5-8: bytes; 0: fewest bits "
@@ -383,6 +404,7 @@ void register_qlinear(pybind11::module_& m) {
   m.def("qlinear_packed_cpu", &qlinear_packed_cpu, py::arg("x"), py::arg("x_zp"),
         py::arg("packed"), py::arg("scale"), py::arg("bias"), py::arg("act"),
         py::arg("residual"), py::arg("out_scale"), py::arg("out_zp"), py::arg("out_bits"),
+        py::arg("res_scale") = 0.0, py::arg("res_zp") = 0,
         "qlinear_cpu with weights from qlinear_prepack_cpu (same arguments, w -> packed)");
 }
 

@@ -42,12 +42,25 @@ static inline T opaque(T v) {
 #ifdef PDQ_X86
 #define PDQ_VNNI_INLINE PDQ_VNNI __attribute__((always_inline)) static inline
 
-// y = float(v) * sc + bi (two roundings), + residual, activation: the contract's float part.
+// The residual at flat output indices idx .. idx + 15 (mask k): float32 as stored, or uint8
+// codes dequantized as (float(q) - res_zp) * res_scale (a sub and a mul, each rounded; kept out
+// of an FMA with the following add).
+PDQ_VNNI_INLINE __m512 res_vec(const Epilogue& e, int64_t idx, __mmask16 k) {
+  if (e.residual != nullptr) return _mm512_maskz_loadu_ps(k, e.residual + idx);
+  const __m512 q =
+      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, e.residual_q + idx)));
+  return opaque(_mm512_mul_ps(_mm512_sub_ps(q, _mm512_set1_ps(e.res_zp)),
+                              _mm512_set1_ps(e.res_scale)));
+}
+
+// y = float(v) * sc + bi (two roundings), + the residual at ridx (RES), activation: the
+// contract's float part.
 template <bool RES, int ACT>
-PDQ_VNNI_INLINE __m512 yvec(__m512i v, __m512 sc, __m512 bi, const float* res, __mmask16 k) {
+PDQ_VNNI_INLINE __m512 yvec(__m512i v, __m512 sc, __m512 bi, const Epilogue& e, int64_t ridx,
+                            __mmask16 k) {
   __m512 y = opaque(_mm512_mul_ps(_mm512_cvtepi32_ps(v), sc));
   y = _mm512_add_ps(y, bi);
-  if constexpr (RES) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(k, res));
+  if constexpr (RES) y = _mm512_add_ps(y, res_vec(e, ridx, k));
   if constexpr (ACT == 1) y = _mm512_max_ps(y, _mm512_setzero_ps());
   if constexpr (ACT == 2)
     y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), _mm512_set1_ps(6.f));
@@ -100,7 +113,8 @@ PDQ_VNNI_INLINE void store_lanes(uint8_t* p, int64_t stride, __m512i b, int nv, 
 // specialised on output kind (codes / float32), residual and activation.
 #define PDQ_EPI_DISPATCH(FN, ...)                                                           \
   do {                                                                                      \
-    const bool codes_ = e.out_bits > 0, res_ = e.residual != nullptr;                       \
+    const bool codes_ = e.out_bits > 0,                                                     \
+               res_ = e.residual != nullptr || e.residual_q != nullptr;                     \
     if (codes_ && !res_ && e.act == 0) return FN<true, false, 0>(__VA_ARGS__);              \
     if (codes_ && !res_ && e.act == 1) return FN<true, false, 1>(__VA_ARGS__);              \
     if (codes_ && !res_ && e.act == 2) return FN<true, false, 2>(__VA_ARGS__);              \

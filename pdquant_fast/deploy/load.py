@@ -29,7 +29,7 @@ from .format import (
     storage_bits,
     tensor_sha256,
 )
-from .runtime import FLOAT_ACTS, GLUE, PACKED_ACTS, PackedModel
+from .runtime import FLOAT_ACTS, GLUE, PACKED_ACTS, PackedModel, _refs
 
 
 def read_manifest(folder: Path) -> dict:
@@ -141,16 +141,6 @@ def _check_graph(m: dict, where: str) -> None:
         seen.add(node["name"])
     if m["output"] not in seen:
         raise DeployError(f"{where}: output '{m['output']}' is not a graph node")
-
-
-def _refs(v) -> list[str]:
-    if isinstance(v, list):
-        return [r for i in v for r in _refs(i)]
-    if isinstance(v, dict):
-        if "ref" in v:
-            return [v["ref"]]
-        return [r for i in v.values() for r in _refs(i)]
-    return []
 
 
 def read_tensors(folder: Path, m: dict) -> dict[str, torch.Tensor]:

@@ -9,12 +9,14 @@ activation quantizer (``acts``), or small Python values (sizes):
 op              meaning
 ==============  =================================================================================
 input           the float32 image batch ``[N, C, H, W]``
-quantize        codes = clamp(round_half_even(x / delta) + zp, 0, 2^bits - 1)  (float -> uint8)
+quantize        codes = clamp(round_half_even(x / delta) + zp, 0, 2^bits - 1)  (float -> uint8,
+                ``ops.quantize_codes``)
 dequantize      x = (float32(codes) - zp) * delta                              (uint8 -> float)
 layer_packed    ``ops.qconv2d`` / ``ops.qlinear`` on codes of ``in_act``: exact int32
                 accumulation, then y = float(acc) * (in_delta * w_delta[o]) + bias[o]
-                (+ ``residual``, float32), activation, then codes of ``out_act`` (or float32 y
-                when ``out_act`` is null)
+                (+ ``residual``: float32, or, when the residual node is a ``dequantize``,
+                its uint8 codes, dequantized inside the kernel), activation, then codes of
+                ``out_act`` (or float32 y when ``out_act`` is null)
 layer_float     F.conv2d / F.linear on float32 x with the dequantized weight
                 (code - w_zp) * w_delta and the float bias, activation, then optionally
                 ``quantize`` to ``out_act`` (the first layer on the image, the classifier on
@@ -120,6 +122,24 @@ def _decode(v, env):
     return v
 
 
+def _refs(v) -> list[str]:
+    """Node names referenced (``{"ref": name}``) anywhere inside a manifest argument."""
+    if isinstance(v, list):
+        return [r for i in v for r in _refs(i)]
+    if isinstance(v, dict):
+        if "ref" in v:
+            return [v["ref"]]
+        return [r for i in v.values() for r in _refs(i)]
+    return []
+
+
+def node_inputs(node: dict) -> list[str]:
+    """Names of the graph nodes whose values ``node`` reads."""
+    if node["op"] == "glue":
+        return _refs(node["args"]) + _refs(list(node["kwargs"].values()))
+    return [r for r in (node.get("input"), node.get("residual")) if r]
+
+
 class ActParams(nn.Module):
     """One per-tensor activation quantizer: ``delta``/``zp`` float32 0-d buffers, ``bits``."""
 
@@ -132,9 +152,9 @@ class ActParams(nn.Module):
         self.register_buffer("zp", torch.tensor(float(zp), dtype=torch.float32))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 -> uint8 codes, the simulation's ``clamp(round(x / delta) + zp, 0, n)``."""
-        n = (1 << self.bits) - 1
-        return torch.clamp(torch.round(x / self.delta) + self.zp, 0, n).to(torch.uint8)
+        """float32 -> uint8 codes, the simulation's ``clamp(round(x / delta) + zp, 0, n)``
+        (``ops.quantize_codes``: one fused pass where a kernel backend has it)."""
+        return ops.quantize_codes(x, self.delta_value, self.zp_int, self.bits)
 
     def dequantize(self, c: torch.Tensor) -> torch.Tensor:
         """uint8 codes -> float32 ``(c - zp) * delta`` (bit-identical to the simulation)."""
@@ -242,8 +262,16 @@ class PackedLayer(nn.Module):
         finally:
             self.scale, self.bias, self.act, self.out_bits = keep
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        res_act: ActParams | None = None,
+    ) -> torch.Tensor:
+        """Output for input codes ``x``; ``residual`` float32, or uint8 codes of ``res_act``
+        (dequantized inside the kernel's epilogue, bit-identical to ``res_act.dequantize``)."""
         pre = self._backend_call(x)
+        rs, rzp = (res_act.delta_value, res_act.zp_int) if res_act is not None else (0.0, 0)
         if self.kind == "conv2d":
             if self.pre_pad is not None:
                 x = F.pad(x, self.pre_pad, value=self.x_zp)
@@ -264,6 +292,8 @@ class PackedLayer(nn.Module):
                     self.out_scale,
                     self.out_zp,
                     self.out_bits,
+                    rs,
+                    rzp,
                 )
             return ops.qconv2d(
                 x,
@@ -279,6 +309,8 @@ class PackedLayer(nn.Module):
                 self.out_scale,
                 self.out_zp,
                 self.out_bits,
+                rs,
+                rzp,
             )
         x = x.contiguous()
         if pre is not None:
@@ -294,6 +326,8 @@ class PackedLayer(nn.Module):
                 self.out_scale,
                 self.out_zp,
                 self.out_bits,
+                rs,
+                rzp,
             )
         return ops.qlinear(
             x,
@@ -306,6 +340,8 @@ class PackedLayer(nn.Module):
             self.out_scale,
             self.out_zp,
             self.out_bits,
+            rs,
+            rzp,
         )
 
 
@@ -384,6 +420,32 @@ class PackedModel(nn.Module):
                 mod = FloatLayer(*args, node)
             self.layers[_safe(lname)] = mod
 
+        # A residual that is a dequantize of activation codes is passed to the packed op as the
+        # codes (the kernel dequantizes them in its epilogue, bit for bit): the skip connection
+        # stays uint8 in memory, and a dequantize read by nothing else is never computed.
+        producer = {n["name"]: n for n in self.graph_nodes}
+        self._res_codes: dict[str, tuple[str, str]] = {}
+        for node in self.graph_nodes:
+            if node["op"] == "layer_packed" and node["residual"]:
+                src = producer.get(node["residual"])
+                if src is not None and src["op"] == "dequantize":
+                    self._res_codes[node["name"]] = (src["input"], src["act"])
+        readers: dict[str, set[str]] = {}
+        for node in self.graph_nodes:
+            for r in node_inputs(node):
+                readers.setdefault(r, set()).add(node["name"])
+        self._skip = {
+            n["name"]
+            for n in self.graph_nodes
+            if n["op"] == "dequantize"
+            and n["name"] != self.output_name
+            and all(
+                r in self._res_codes and producer[r]["residual"] == n["name"]
+                and producer[r]["input"] != n["name"]
+                for r in readers.get(n["name"], ())
+            )
+        }
+
     def _act(self, name: str) -> ActParams:
         return self.acts[_safe(name)]
 
@@ -412,14 +474,21 @@ class PackedModel(nn.Module):
                 val = self._act(node["act"]).quantize(env[node["input"]])
                 out_act = node["act"]
             elif op == "dequantize":
+                if node["name"] in self._skip:
+                    continue  # only read as residual codes (see __init__)
                 val = self._act(node["act"]).dequantize(env[node["input"]])
             elif op == "layer_packed":
                 xin = env[node["input"]]
-                res = env[node["residual"]] if node["residual"] else None
-                val = self.layers[_safe(node["layer"])](xin, res)
+                rc = self._res_codes.get(node["name"])
+                if rc is not None:
+                    res, res_act = env[rc[0]], self._act(rc[1])
+                else:
+                    res, res_act = (env[node["residual"]] if node["residual"] else None), None
+                val = self.layers[_safe(node["layer"])](xin, res, res_act)
                 out_act = node["out_act"]
                 if capture is not None:
-                    capture[node["layer"]] = {"x": xin, "residual": res, "out": val}
+                    res_f = res_act.dequantize(res) if res_act is not None else res
+                    capture[node["layer"]] = {"x": xin, "residual": res_f, "out": val}
             elif op == "layer_float":
                 val = self.layers[_safe(node["layer"])](env[node["input"]])
                 if node["out_act"]:

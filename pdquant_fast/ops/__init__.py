@@ -17,6 +17,7 @@ from .library import (
     pack,
     qconv2d,
     qlinear,
+    quantize_codes,
     unpack,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "pack",
     "qconv2d",
     "qlinear",
+    "quantize_codes",
     "unpack",
 ]

@@ -354,6 +354,9 @@ def _(x, bits, steps):
 # qconv2d / qlinear: integer accumulation of (x - x_zp) * w in int32 (exact), then the fused
 # requantisation y = float(acc) * scale + bias (+ residual), activation, and either float32 y
 # (out_bits = 0) or uint8 codes clamp(round_half_even(y / out_scale) + out_zp, 0, 2^out_bits - 1).
+# The residual is float32 values or uint8 activation codes with (res_scale, res_zp): the kernel
+# then dequantizes it as (float32(code) - res_zp) * res_scale, the runtime's dequantize bit for
+# bit, so a skip connection stays low-bit in memory.
 # The exact math is in reference.qconv2d_reference; backends: <op>_cpu (pdquant_fast._C),
 # <op>_triton (pdquant_fast.kernels), <op>_cuda. A backend may offer a weight prepack (not an op):
 # ``qconv2d_prepack_<backend>(w, groups) -> object`` / ``qlinear_prepack_<backend>(w) -> object``;
@@ -371,6 +374,7 @@ backends.register_op("pack", PACK_BITS)
 backends.register_op("unpack", PACK_BITS)
 backends.register_op("qconv2d", None)
 backends.register_op("qlinear", None)
+backends.register_op("quantize_codes", None)
 
 
 def _check_pack_bits(bits: int) -> None:
@@ -424,6 +428,32 @@ def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
 @unpack.register_fake
 def _(packed, bits, k):
     return packed.new_empty((packed.shape[0], k))
+
+
+@torch.library.custom_op("pdquant::quantize_codes", mutates_args=())
+def quantize_codes(x: Tensor, delta: float, zp: int, bits: int) -> Tensor:
+    """float32 activations -> uint8 codes ``clamp(round_half_even(x / delta) + zp, 0,
+    2^bits - 1)`` (float32, true division): the activation quantizer's codes, as the packed
+    runtime feeds them to ``qconv2d``/``qlinear``. Output: ``x``'s shape and memory format.
+    See :func:`~.reference.quantize_codes_reference`. Any strides are accepted."""
+    if not isinstance(x, Tensor) or x.dtype != torch.float32:
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise OpInputError(f"x must be a float32 tensor, got {got}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise OpInputError(f"bits must be an int in 2..8, got {bits!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+        raise OpInputError(f"delta must be a float, got {type(delta).__name__}")
+    d32 = float(torch.tensor(float(delta), dtype=torch.float32))
+    if not (0.0 < d32 < float("inf")):
+        raise OpInputError(f"delta must be finite and > 0 in float32, got {delta!r}")
+    if isinstance(zp, bool) or not isinstance(zp, int) or not 0 <= zp < (1 << bits):
+        raise OpInputError(f"zp must be an int in 0..{(1 << bits) - 1} for {bits} bits, got {zp!r}")
+    return _run("quantize_codes", x.device, None)(x, float(delta), zp, bits)
+
+
+@quantize_codes.register_fake
+def _(x, delta, zp, bits):
+    return torch.empty_like(x, dtype=torch.uint8)
 
 
 def _check_requant(
@@ -482,14 +512,31 @@ def _check_requant(
         )
 
 
-def _check_residual(residual: Tensor | None, x: Tensor, shape: tuple[int, ...]) -> None:
+def _check_residual(
+    residual: Tensor | None, x: Tensor, shape: tuple[int, ...], res_scale: float, res_zp: int
+) -> None:
     if residual is None:
         return
-    _check_tensor("residual", residual, torch.float32, x.device)
+    if not isinstance(residual, Tensor) or residual.dtype not in (torch.float32, torch.uint8):
+        got = residual.dtype if isinstance(residual, Tensor) else type(residual).__name__
+        raise OpInputError(
+            f"residual must be float32 values or uint8 activation codes (with res_scale and "
+            f"res_zp), got {got}"
+        )
+    _check_tensor("residual", residual, residual.dtype, x.device)
     if tuple(residual.shape) != shape:
         raise OpInputError(
             f"residual must have the output's shape {shape}, got {tuple(residual.shape)}"
         )
+    if residual.dtype == torch.uint8:
+        if isinstance(res_scale, bool) or not (
+            isinstance(res_scale, (int, float)) and 0.0 < res_scale < float("inf")
+        ):
+            raise OpInputError(
+                f"a uint8 residual needs res_scale (its step) finite and > 0, got {res_scale!r}"
+            )
+        if isinstance(res_zp, bool) or not isinstance(res_zp, int) or not 0 <= res_zp <= 255:
+            raise OpInputError(f"res_zp must be an int in 0..255, got {res_zp!r}")
 
 
 def qconv2d_out_shape(x_shape, w_shape, stride, padding) -> tuple[int, int, int, int]:
@@ -544,17 +591,21 @@ def qconv2d(
     out_scale: float,
     out_zp: int,
     out_bits: int,
+    res_scale: float = 0.0,
+    res_zp: int = 0,
 ) -> Tensor:
     """Packed conv with fused requant: see :func:`~.reference.qconv2d_reference`.
 
     ``x`` uint8 ``[N, C, H, W]``, ``w`` int8/int16 ``[O, C/groups, kh, kw]``, ``scale``/``bias``
-    float32 ``[O]``, ``residual`` float32 ``[N, O, Ho, Wo]`` or None; returns float32 (out_bits=0)
-    or uint8 ``[N, O, Ho, Wo]``.
+    float32 ``[O]``, ``residual`` ``[N, O, Ho, Wo]``: None, float32 values, or uint8 codes of
+    value ``(code - res_zp) * res_scale``; returns float32 (out_bits=0) or uint8
+    ``[N, O, Ho, Wo]``.
     """
     _check_conv_args(x, w, stride, padding, groups)
     k = w.shape[1] * w.shape[2] * w.shape[3]
     _check_requant(x, x_zp, w, scale, bias, act, out_scale, out_zp, out_bits, k)
-    _check_residual(residual, x, qconv2d_out_shape(x.shape, w.shape, stride, padding))
+    shape = qconv2d_out_shape(x.shape, w.shape, stride, padding)
+    _check_residual(residual, x, shape, res_scale, res_zp)
     return _run("qconv2d", x.device, None)(
         x,
         x_zp,
@@ -569,11 +620,29 @@ def qconv2d(
         out_scale,
         out_zp,
         out_bits,
+        res_scale,
+        res_zp,
     )
 
 
 @qconv2d.register_fake
-def _(x, x_zp, w, scale, bias, stride, padding, groups, act, residual, out_scale, out_zp, out_bits):
+def _(
+    x,
+    x_zp,
+    w,
+    scale,
+    bias,
+    stride,
+    padding,
+    groups,
+    act,
+    residual,
+    out_scale,
+    out_zp,
+    out_bits,
+    res_scale=0.0,
+    res_zp=0,
+):
     dtype = torch.float32 if out_bits == 0 else torch.uint8
     return x.new_empty(qconv2d_out_shape(x.shape, w.shape, stride, padding), dtype=dtype)
 
@@ -590,11 +659,14 @@ def qlinear(
     out_scale: float,
     out_zp: int,
     out_bits: int,
+    res_scale: float = 0.0,
+    res_zp: int = 0,
 ) -> Tensor:
     """Packed linear with fused requant: see :func:`~.reference.qlinear_reference`.
 
     ``x`` uint8 ``[N, K]``, ``w`` int8/int16 ``[O, K]``, ``scale``/``bias`` float32 ``[O]``,
-    ``residual`` float32 ``[N, O]`` or None; returns float32 (out_bits=0) or uint8 ``[N, O]``.
+    ``residual`` ``[N, O]``: None, float32 values, or uint8 codes of value
+    ``(code - res_zp) * res_scale``; returns float32 (out_bits=0) or uint8 ``[N, O]``.
     """
     if x.dim() != 2 or not isinstance(w, Tensor) or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise OpInputError(
@@ -602,14 +674,14 @@ def qlinear(
             f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}"
         )
     _check_requant(x, x_zp, w, scale, bias, act, out_scale, out_zp, out_bits, w.shape[1])
-    _check_residual(residual, x, (x.shape[0], w.shape[0]))
+    _check_residual(residual, x, (x.shape[0], w.shape[0]), res_scale, res_zp)
     return _run("qlinear", x.device, None)(
-        x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits
+        x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits, res_scale, res_zp
     )
 
 
 @qlinear.register_fake
-def _(x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits):
+def _(x, x_zp, w, scale, bias, act, residual, out_scale, out_zp, out_bits, res_scale=0.0, res_zp=0):
     dtype = torch.float32 if out_bits == 0 else torch.uint8
     return x.new_empty((x.shape[0], w.shape[0]), dtype=dtype)
 

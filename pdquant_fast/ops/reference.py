@@ -313,6 +313,25 @@ def qlinear_acc_reference(x: torch.Tensor, x_zp: int, w: torch.Tensor) -> torch.
     return (xi @ w.to(torch.float64).t()).to(torch.int32)
 
 
+def quantize_codes_reference(x: torch.Tensor, delta: float, zp: int, bits: int) -> torch.Tensor:
+    """``clamp(round_half_even(x / delta) + zp, 0, 2^bits - 1)`` as uint8, in float32 with true
+    division by the float32 ``delta`` (the simulation's ``round(x / delta) + zp``). Keeps ``x``'s
+    memory format."""
+    d = torch.tensor(float(delta), dtype=torch.float32, device=x.device)
+    q = torch.clamp(torch.round(x / d) + float(zp), 0, (1 << bits) - 1)
+    return q.to(torch.uint8)
+
+
+def dequantize_residual(residual: torch.Tensor, res_scale: float, res_zp: int) -> torch.Tensor:
+    """A float32 residual as it is; uint8 codes as ``(float32(code) - res_zp) * res_scale``
+    (float32, one rounding: the packed runtime's and the simulation's dequantization)."""
+    if residual.dtype != torch.uint8:
+        return residual
+    zp = torch.tensor(float(res_zp), dtype=torch.float32, device=residual.device)
+    s = torch.tensor(float(res_scale), dtype=torch.float32, device=residual.device)
+    return (residual.to(torch.float32) - zp) * s
+
+
 def requant_reference(
     acc: torch.Tensor,
     scale: torch.Tensor,
@@ -322,6 +341,8 @@ def requant_reference(
     out_scale: float,
     out_zp: int,
     out_bits: int,
+    res_scale: float = 0.0,
+    res_zp: int = 0,
 ) -> torch.Tensor:
     """The fused requantisation of ``qconv2d``/``qlinear`` (channel axis 1 of ``acc``).
 
@@ -329,7 +350,8 @@ def requant_reference(
 
         y = float32(acc) * scale[o]          # int32 -> float32 rounds to nearest even
         y = y + bias[o]
-        y = y + residual                     # if given
+        y = y + residual                     # if given; uint8 residual codes first become
+                                             #   (float32(code) - res_zp) * float32(res_scale)
         y = max(y, 0)  (act 1)  |  min(max(y, 0), 6)  (act 2)
         out_bits == 0:  return y (float32)
         else:           q = clamp(round_half_even(y / s) + out_zp, 0, 2^out_bits - 1) as uint8
@@ -342,7 +364,7 @@ def requant_reference(
     y = acc.to(torch.float32) * scale.reshape(shape)
     y = y + bias.reshape(shape)
     if residual is not None:
-        y = y + residual
+        y = y + dequantize_residual(residual, res_scale, res_zp)
     if act == 1:
         y = torch.clamp_min(y, 0.0)
     elif act == 2:
@@ -368,17 +390,22 @@ def qconv2d_reference(
     out_scale: float,
     out_zp: int,
     out_bits: int,
+    res_scale: float = 0.0,
+    res_zp: int = 0,
 ) -> torch.Tensor:
     """Quantized conv2d: exact integer accumulation + :func:`requant_reference`.
 
     ``x`` uint8 activation codes ``[N, C, H, W]`` (contiguous NCHW) with zero point ``x_zp``;
     ``w`` int8 (or int16 for 8-bit weights) signed offsets ``w_code - w_zp[o]``
     ``[O, C/groups, kh, kw]``; ``scale = act_delta * w_delta`` and ``bias`` (BN-folded) float32
-    ``[O]``; ``residual`` float32 ``[N, O, Ho, Wo]`` or None. Returns float32 ``y`` (out_bits 0)
-    or uint8 codes, ``[N, O, Ho, Wo]``.
+    ``[O]``; ``residual`` ``[N, O, Ho, Wo]``: None, float32, or uint8 codes with
+    ``res_scale``/``res_zp``. Returns float32 ``y`` (out_bits 0) or uint8 codes,
+    ``[N, O, Ho, Wo]``.
     """
     acc = qconv2d_acc_reference(x, x_zp, w, stride, padding, groups)
-    return requant_reference(acc, scale, bias, act, residual, out_scale, out_zp, out_bits)
+    return requant_reference(
+        acc, scale, bias, act, residual, out_scale, out_zp, out_bits, res_scale, res_zp
+    )
 
 
 def qlinear_reference(
@@ -392,11 +419,16 @@ def qlinear_reference(
     out_scale: float,
     out_zp: int,
     out_bits: int,
+    res_scale: float = 0.0,
+    res_zp: int = 0,
 ) -> torch.Tensor:
     """Quantized linear: ``x`` uint8 ``[N, K]``, ``w`` int8/int16 ``[O, K]``, ``residual``
-    float32 ``[N, O]`` or None; exact int32 accumulation + :func:`requant_reference`."""
+    ``[N, O]`` (None, float32, or uint8 codes with ``res_scale``/``res_zp``); exact int32
+    accumulation + :func:`requant_reference`."""
     acc = qlinear_acc_reference(x, x_zp, w)
-    return requant_reference(acc, scale, bias, act, residual, out_scale, out_zp, out_bits)
+    return requant_reference(
+        acc, scale, bias, act, residual, out_scale, out_zp, out_bits, res_scale, res_zp
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+// quantize_codes_cpu: float32 activations -> uint8 codes of a per-tensor quantizer, one pass.
+//
+// Contract (pdquant_fast/ops/library.py, deployment section; reference.quantize_codes_reference):
+//   q = clamp(round_half_even(x / delta) + zp, 0, 2^bits - 1)      float32 math, uint8 out
+// with true IEEE division (not a multiply by 1 / delta) and round half to even, so the codes are
+// the simulation's (and the packed runtime's ActParams.quantize's) bit for bit. The output has
+// x's shape and memory format (a dense tensor in any dim order is read and written as its flat
+// storage); other strided inputs are made contiguous first. NaN inputs give an unspecified code
+// (the reference's NaN-to-uint8 cast is itself unspecified).
+//
+// Entry point (pdquant_fast._C): quantize_codes_cpu(x, delta, zp, bits) -> uint8 tensor.
+// ISA: AVX-512 when the q-kernels' active ISA is avx512vnni (PDQUANT_CPU_ISA), else scalar
+// (the compiler may vectorise it; the math is the same element by element).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/qgemm.h"
+#include "cpu/qsimd.h"
+#include "registry.h"
+
+namespace pdquant::qk {
+namespace {
+
+void check(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("quantize_codes_cpu: " + msg);
+}
+
+// Round half to even: nearbyint under the default rounding mode (to nearest, ties to even),
+// which nothing in this library changes.
+inline float rhe(float v) { return std::nearbyint(v); }
+
+void quantize_scalar(const float* x, uint8_t* q, int64_t n, float delta, float zp, float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = rhe(x[i] / delta) + zp;
+    v = std::min(std::max(v, 0.f), qmax);
+    q[i] = static_cast<uint8_t>(static_cast<int32_t>(v));
+  }
+}
+
+#ifdef PDQ_X86
+PDQ_VNNI void quantize_avx512(const float* x, uint8_t* q, int64_t n, float delta, float zp,
+                              float qmax) {
+  const __m512 vd = _mm512_set1_ps(delta), vz = _mm512_set1_ps(zp), vq = _mm512_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __m512i c[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) c[j] = qvec(_mm512_loadu_ps(x + i + 16 * j), vd, vz, vq);
+    _mm512_storeu_si512(q + i, narrow4(c[0], c[1], c[2], c[3]));
+  }
+  for (; i < n; i += 16) {
+    const int64_t r = std::min<int64_t>(16, n - i);
+    const __mmask16 k = r == 16 ? 0xFFFF : static_cast<__mmask16>((1u << r) - 1);
+    const __m512i c = qvec(_mm512_maskz_loadu_ps(k, x + i), vd, vz, vq);
+    _mm_mask_storeu_epi8(q + i, k, _mm512_cvtepi32_epi8(c));
+  }
+}
+#endif
+
+at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, int64_t bits) {
+  check(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+        std::string("x must be a float32 CPU tensor, got ") +
+            std::string(c10::toString(x_in.scalar_type())) + " on " + x_in.device().str());
+  check(bits >= 2 && bits <= 8, "bits must be 2..8, got " + std::to_string(bits));
+  check(std::isfinite(delta) && delta > 0 && std::isfinite(static_cast<float>(delta)) &&
+            static_cast<float>(delta) > 0,
+        "delta must be finite and > 0 in float32, got " + std::to_string(delta));
+  check(0 <= zp && zp < (int64_t{1} << bits), "zp must be a code 0.." +
+                                                 std::to_string((1 << bits) - 1) + " for " +
+                                                 std::to_string(bits) + " bits, got " +
+                                                 std::to_string(zp));
+  // dense in some dim order (contiguous, channels_last, ...): keep the layout, walk the storage
+  const bool dense = x_in.is_non_overlapping_and_dense();
+  const at::Tensor x = dense ? x_in : x_in.contiguous();
+  at::Tensor q = at::empty_like(x, x.options().dtype(at::kByte));
+  const int64_t n = x.numel();
+  if (n == 0) return q;
+  const float d = static_cast<float>(delta), z = static_cast<float>(zp);
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const float* xp = x.data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  const bool simd = active_isa() == Isa::kAvx512Vnni;
+  at::parallel_for(0, (n + 63) / 64, 2048, [&](int64_t b0, int64_t b1) {
+    const int64_t i0 = b0 * 64, i1 = std::min(n, b1 * 64);
+#ifdef PDQ_X86
+    if (simd) return quantize_avx512(xp + i0, qp + i0, i1 - i0, d, z, qmax);
+#endif
+    quantize_scalar(xp + i0, qp + i0, i1 - i0, d, z, qmax);
+  });
+  return q;
+}
+
+void register_quantize(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("quantize_codes_cpu", &quantize_codes_cpu, py::arg("x"), py::arg("delta"),
+        py::arg("zp"), py::arg("bits"),
+        "pdquant::quantize_codes on CPU: float32 -> uint8 clamp(round_half_even(x / delta) + zp, "
+        "0, 2^bits - 1), x's shape and memory format");
+}
+
+}  // namespace
+}  // namespace pdquant::qk
+
+PDQ_REGISTER(pdquant::qk::register_quantize);
