@@ -1,12 +1,14 @@
-"""Packed-model latency: packed W4A4 vs FP32 PyTorch vs PyTorch int8 (torch.ao x86/FBGEMM).
+"""Packed-model latency: packed W4A4/W2A4/W2A2 vs FP32 and PyTorch int8 (torch.ao x86/FBGEMM).
 
-For each model: a quick W4A4 quantization (per-channel min/max weight ranges, activation ranges
-from the library's search on 8 random images: latency does not depend on the values), export to
-a temporary packed folder, then :func:`pdquant_fast.deploy.bench.bench_latency` (validates the
-chosen kernel backend against the reference, then times packed, FP32 and int8 in one process).
+For each model and format: a quick quantization (per-channel min/max weight ranges, activation
+ranges from the library's search on 8 random images: latency does not depend on the values),
+export to a temporary packed folder, then :func:`pdquant_fast.deploy.bench.bench_latency`
+(validates the chosen kernel backend against the reference, then times packed, FP32 and int8 in
+one process, per batch one after the other, so every packed row has its own baselines).
 Rows go to ``benchmarks/results/packed_latency.jsonl`` (suite ``packed_latency``).
 
     python benchmarks/bench_packed_latency.py --models cifar_resnet20 resnet18 --batch 1 32
+    python benchmarks/bench_packed_latency.py --formats w4a4 w2a2 --threads 1
     python benchmarks/bench_packed_latency.py --device cuda --models resnet18 --batch 1 32 256
 
 The same measurement for an exported run: ``pdquant bench-latency PACKED_DIR``.
@@ -67,6 +69,19 @@ def build(name: str) -> tuple[torch.nn.Module, list[int]]:
     return model, list(info.input_size)
 
 
+def parse_format(text: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
+    """``"w4a4"`` -> ``(4, 4)``; anything else is a usage error naming what is allowed."""
+    t = text.lower()
+    try:
+        w, a = t[1:].split("a")
+        w_bits, a_bits = int(w), int(a)
+    except ValueError:
+        parser.error(f"--formats: {text!r} is not of the form wNaM (e.g. w4a4, w2a2)")
+    if not t.startswith("w") or w_bits not in (2, 4, 8) or a_bits not in (2, 4, 8):
+        parser.error(f"--formats: {text!r}: weight and activation bits must be 2, 4 or 8")
+    return w_bits, a_bits
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["cifar_resnet20", "resnet18"])
@@ -75,15 +90,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--w-bits", type=int, default=4)
-    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        default=["w4a4", "w2a4", "w2a2"],
+        help="packed formats wNaM (weight / activation bits), default w4a4 w2a4 w2a2",
+    )
     p.add_argument("--out", help="results folder (default benchmarks/results/)")
     args = p.parse_args(argv)
+    formats = [parse_format(f, p) for f in args.formats]
     rows = []
-    for name in args.models:
+    for name, (w_bits, a_bits) in [(m, f) for m in args.models for f in formats]:
         model, shape = build(name)
         gen = torch.Generator().manual_seed(0)
-        q = quick_quantize(model, torch.randn(8, *shape, generator=gen), args.w_bits, args.a_bits)
+        q = quick_quantize(model, torch.randn(8, *shape, generator=gen), w_bits, a_bits)
         with tempfile.TemporaryDirectory() as tmp:
             label = f"torchvision:{name}" if name == "resnet18" else name
             man = export_packed(
@@ -91,11 +111,12 @@ def main(argv=None) -> int:
                 tmp,
                 fp_model=model,
                 model_info={"name": label, "input_size": shape},
-                source={"w_bits": args.w_bits, "a_bits": args.a_bits, "method": "quick"},
+                source={"w_bits": w_bits, "a_bits": a_bits, "method": "quick"},
             )
+            sizes = man["sizes"]
             print(
-                f"{name}: packed {man['sizes']['packed_bytes']:,} bytes vs FP32 "
-                f"{man['sizes']['fp32_state_dict_bytes']:,} ({man['sizes']['ratio']:.2f}x)"
+                f"{name} W{w_bits}A{a_bits}: packed {sizes['packed_bytes']:,} bytes vs FP32 "
+                f"{sizes['fp32_state_dict_bytes']:,} ({sizes['ratio']:.2f}x)"
             )
             rows += bench_latency(
                 tmp,

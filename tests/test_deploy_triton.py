@@ -328,8 +328,9 @@ def test_residual_codes_bit_exact():
     ref = qconv2d_reference(*args, 0.0731, 3)
     dev = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
     assert torch.equal(dc.qconv2d_triton(*dev, 0.0731, 3).cpu(), ref)
-    largs = list(q_inputs(5, 17, 40, torch.int8, 4, seed=9, device="cpu", act=1, res=True,
-                          out_bits=4))
+    largs = list(
+        q_inputs(5, 17, 40, torch.int8, 4, seed=9, device="cpu", act=1, res=True, out_bits=4)
+    )
     largs[6] = torch.randint(0, 16, (5, 17), generator=gen, dtype=torch.uint8)
     ref = qlinear_reference(*largs, 0.0731, 3)
     dev = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in largs]
