@@ -154,8 +154,17 @@ def git_sha() -> str:
             cwd=Path(__file__).resolve().parent,
             check=True,
         )
+        # results files appended by this or an earlier benchmark run do not make the code dirty
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                ":(top,exclude)benchmarks/results",
+            ],
             capture_output=True,
             text=True,
             cwd=Path(__file__).resolve().parent,

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The one script a lent H100/H200 runs: build with CUDA, GPU tests, kernel benchmarks, one
-# reconstruction-step timing, packed GPU kernels. Usage: bash benchmarks/gpu_check.sh [OUT_DIR]
-# (default benchmarks/results/gpu). Everything lands in OUT_DIR as at most 8 small files:
+# reconstruction-step timing, packed GPU kernels, whole packed-model latency. Usage:
+# bash benchmarks/gpu_check.sh [OUT_DIR] (default benchmarks/results/gpu). Everything lands in
+# OUT_DIR as at most 8 small files:
 #   gpu_check.log (all output), env.txt (nvidia-smi, versions, pdquant info), pytest_gpu.txt,
-#   calib_kernels_gpu.jsonl, calib_step.jsonl, deploy_gpu.jsonl.
+#   calib_kernels_gpu.jsonl, calib_step.jsonl, deploy_gpu.jsonl, packed_latency.jsonl.
 # Each stage has its own time limit and a failed stage does not stop the next one; the exit code
-# is the number of failed stages. Budget: about 9 minutes at most (per-stage limits below,
-# overridable: BUILD_S, GPU_TESTS_S, CALIB_BENCH_S, STEP_BENCH_S, DEPLOY_BENCH_S).
+# is the number of failed stages. Budget: under 10 minutes at most, typically far less
+# (per-stage limits below, overridable: BUILD_S, GPU_TESTS_S, CALIB_BENCH_S, DEPLOY_BENCH_S,
+# STEP_BENCH_S, LATENCY_S). tests/test_gpu_check_script.py checks on any machine that every
+# command and flag used here exists.
 set -u -o pipefail
 OUT=${1:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -33,15 +36,17 @@ PY=${PYTHON:-python3}
 cat "$OUT/env.txt" | tee -a "$LOG"
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-stage build ${BUILD_S:-240} $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+stage build ${BUILD_S:-180} $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 $PY -m pdquant_fast.info >> "$OUT/env.txt" 2>&1
 # GPU tests: the kernels' one-off config timing is off here (PDQUANT_TRITON_TUNE=0) to save time
-PDQUANT_TRITON_TUNE=0 stage gpu-tests ${GPU_TESTS_S:-150} $PY -m pytest -m gpu -q -rs \
+PDQUANT_TRITON_TUNE=0 stage gpu-tests ${GPU_TESTS_S:-120} $PY -m pytest -m gpu -q -rs \
   -p no:cacheprovider tests/ --maxfail=10 --junitxml="$OUT/pytest_gpu.txt" -o junit_family=xunit2
-stage calib-kernels ${CALIB_BENCH_S:-100} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
-stage deploy-kernels ${DEPLOY_BENCH_S:-120} $PY benchmarks/bench_deploy_gpu.py --sweep \
+stage calib-kernels ${CALIB_BENCH_S:-90} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
+stage deploy-kernels ${DEPLOY_BENCH_S:-90} $PY benchmarks/bench_deploy_gpu.py --sweep \
   --max-s "${SECTION_MAX_S:-45}" --out "$OUT"
-stage calib-step ${STEP_BENCH_S:-60} $PY benchmarks/bench_calib_step.py --device cuda --iters 30 \
+stage calib-step ${STEP_BENCH_S:-50} $PY benchmarks/bench_calib_step.py --device cuda --iters 30 \
   --out "$OUT"
+stage packed-latency ${LATENCY_S:-60} $PY benchmarks/bench_packed_latency.py --device cuda \
+  --models cifar_resnet20 --formats w4a4 --batch 1 32 256 --repeat 5 --out "$OUT"
 echo "=== failed stages: $FAILED" | tee -a "$LOG"
 exit "$FAILED"
