@@ -592,7 +592,7 @@ class Calibrator:
                 if bar is not None:
                     bar.update(1)
                     if it % 50 == 0 or it == cfg.iters:
-                        bar.set_postfix_str(self._eta_text() + f" rec={float(rec):.3g}")
+                        bar.set_postfix_str(self._eta_text() + f" rec={float(rec.detach()):.3g}")
         finally:
             if bar is not None:
                 bar.close()
