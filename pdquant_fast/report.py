@@ -1441,6 +1441,386 @@ def latency_table_points(tables: list[LatencyTable]) -> list[LatencyPoint]:
     return [pt for t in tables for c in t.cells.values() if (pt := latency_point(c.row))]
 
 
+# --- GPU deployment kernels (bench_deploy_gpu.py)
+
+_DEPLOY_SHAPE = ("M", "N", "K", "batch", "C", "HW", "O", "k", "groups")
+
+DEPLOY_RULE = (
+    "Only the newest run per (section, case, layout, shape, device) is shown; a case that a newer "
+    "run skipped or failed replaces the older timings it stands for."
+)
+
+DEPLOY_GOALS_TEXT = (
+    "Goals for comparison (the issue's): W4A16 ≥ 2.6× and W2A16 ≥ 3.5× cuBLAS fp16 at batch 1–16 "
+    "on Llama-sized shapes; W4A4 conv/GEMM ≥ 1.6× fp16 at large batch."
+)
+
+
+@dataclass(frozen=True)
+class DeployGoal:
+    label: str
+    section: str
+    case: str | None  # None: every case of the section
+    target: float  # speed-up over fp16
+    max_m: int | None = None  # batch (M) range 1..max_m; None: every row of the section
+
+
+DEPLOY_GOALS = (
+    DeployGoal("W4A16", "wa16", "W4A16", 2.6, 16),
+    DeployGoal("W2A16", "wa16", "W2A16", 3.5, 16),
+    DeployGoal("W4A4 GEMM (`qmm`)", "qmm", "W4A4", 1.6),
+    DeployGoal("W4A4 conv (`conv`)", "conv", None, 1.6),
+)
+
+
+def fmt_x(r: Any) -> str:
+    """A ratio to three significant digits: ``1.25×``, ``0.946×``, ``12.3×``; ``–`` if missing."""
+    return fmt_num(r) + "×" if _num(r) and r > 0 else "–"
+
+
+def deploy_case(row: dict) -> str | None:
+    """The row's ``case``; a wa16 row without one (a skipped shape) is named from ``bits``."""
+    if row.get("case"):
+        return str(row["case"])
+    if str(row.get("section", "")).startswith("wa16") and _num(row.get("bits")):
+        return f"W{row['bits']}A16"
+    return None
+
+
+def _deploy_fields(row: dict) -> dict[str, Any]:
+    layout = row.get("layout", row.get("variant"))
+    return {"case": deploy_case(row), "layout": layout, **{k: row.get(k) for k in _DEPLOY_SHAPE}}
+
+
+def _deploy_covers(a: dict, b: dict) -> bool:
+    """Same section and device, and no field on which the two rows name different values (a
+    field a row leaves out, as a skipped shape's row leaves out M and layout, stands for all)."""
+    if (a.get("section"), device_label(a)) != (b.get("section"), device_label(b)):
+        return False
+    fa, fb = _deploy_fields(a), _deploy_fields(b)
+    return all(fa[k] is None or fb[k] is None or fa[k] == fb[k] for k in fa)
+
+
+def _t_ms(row: dict, key: str) -> float | None:
+    t = row.get(key)
+    return t["median_s"] * 1e3 if _is_timing(t) and _num(t["median_s"]) else None
+
+
+def deploy_speedup(row: dict) -> float | None:
+    """fp16 ms ÷ ours of the row (one run); a sweep row has only ours: its ``speedup`` field (the
+    same ratio, against its case's fp16 time in that run)."""
+    ours, fp16 = _t_ms(row, "ours"), _t_ms(row, "fp16")
+    if ours and fp16:
+        return fp16 / ours
+    return row["speedup"] if _num(row.get("speedup")) else None
+
+
+def deploy_latest(rows: list[dict]) -> list[dict]:
+    """Rows of ``bench_deploy_gpu.py`` (any number of runs) -> the rows of the newest run per
+    (section, case, layout, shape, device), in input order (see :data:`DEPLOY_RULE`). Sweep rows
+    are kept per candidate ``config``: all the candidates of the newest sweep run of a case."""
+    rows = [r for r in rows if r.get("section")]
+
+    def exact(r):
+        cfg = r.get("config") if r.get("section") == "wa16-sweep" else None
+        return (r.get("section"), device_label(r), tuple(_deploy_fields(r).items()), cfg)
+
+    rows = latest_per_key(rows, exact)
+    return [r for r in rows if not any(_when(s) > _when(r) and _deploy_covers(s, r) for s in rows)]
+
+
+@dataclass
+class DeployBest:
+    row: dict  # the fastest timed row of its (case, shape, device)
+    others: list[dict]  # the other timed layouts / input variants of it, fastest first
+
+
+def deploy_fastest(rows: list[dict], section: str) -> list[DeployBest]:
+    """Per (device, case, shape) of ``section``: the timed row with the smallest median of
+    ``ours`` over its layouts (wa16) or input variants (conv), in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("section") == section and _t_ms(r, "ours") is not None:
+            key = (device_label(r), deploy_case(r), *(r.get(k) for k in _DEPLOY_SHAPE))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for g in groups.values():
+        g = sorted(g, key=lambda r: _t_ms(r, "ours"))
+        out.append(DeployBest(g[0], g[1:]))
+    return out
+
+
+@dataclass
+class SweepSummary:
+    best: dict | None  # the candidate with the smallest median (None: every candidate failed)
+    timed: int
+    failed: int
+    layouts: list[str]
+    tuned: dict | None  # the wa16 row of the best candidate's layout (what the tuner chose)
+
+
+def deploy_sweep_summaries(rows: list[dict]) -> list[SweepSummary]:
+    """Per (device, case, M, N, K) of the ``wa16-sweep`` rows: the fastest candidate over every
+    layout, how many candidates were timed and how many failed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("section") == "wa16-sweep":
+            key = (device_label(r), deploy_case(r), r.get("M"), r.get("N"), r.get("K"))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for g in groups.values():
+        timed = sorted(
+            (r for r in g if _t_ms(r, "ours") is not None), key=lambda r: _t_ms(r, "ours")
+        )
+        best = timed[0] if timed else None
+        tuned = None
+        if best is not None:
+            tuned = next(
+                (
+                    r
+                    for r in rows
+                    if r.get("section") == "wa16"
+                    and _t_ms(r, "ours") is not None
+                    and device_label(r) == device_label(best)
+                    and _deploy_fields(r) == _deploy_fields(best)
+                ),
+                None,
+            )
+        layouts = list(dict.fromkeys(str(r.get("layout")) for r in g if r.get("layout")))
+        out.append(SweepSummary(best, len(timed), len(g) - len(timed), layouts, tuned))
+    return out
+
+
+def _nk(row: dict) -> str:
+    return f"{row.get('N')}×{row.get('K')}" if row.get("N") and row.get("K") else "–"
+
+
+def _conv_shape(row: dict) -> str:
+    """``batch×C×H×W → O, k×k`` (and the groups when not 1)."""
+    if not all(row.get(k) for k in ("batch", "C", "HW", "O", "k")):
+        return "–"
+    hw, k = row["HW"], row["k"]
+    text = f"{row['batch']}×{row['C']}×{hw}×{hw} → {row['O']}, {k}×{k}"
+    return text + (f", groups {row['groups']}" if row.get("groups") not in (None, 1) else "")
+
+
+def _code(text: Any) -> str:
+    return "`" + str(text).replace("`", "'") + "`"
+
+
+def _deploy_error(err: Any) -> str:
+    """What went wrong, shortly: the last line of the recorded exception text (the caret lines of
+    a compile error dropped)."""
+    text = str(err).strip()
+    if text == "skipped":
+        return "skipped, the run's per-section time cap (`--max-s`) was reached"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().strip("^~ ")]
+    last = lines[-1] if lines else text
+    return "failed, the recorded error ends in " + _code(last[:160])
+
+
+def _deploy_cases(rows: list[dict]) -> str:
+    """``12 case(s) (W4A4, W4A8; M 4096, 32768; N×K 3072×768, 768×3072)``."""
+
+    def uniq(f):
+        return list(dict.fromkeys(v for r in rows if (v := f(r)) not in (None, "–")))
+
+    if rows and rows[0].get("section") == "conv":
+        fields = [("", deploy_case), ("input", lambda r: r.get("variant"))]
+    else:
+        fields = [
+            ("", deploy_case),
+            ("layout", lambda r: r.get("layout")),
+            ("M", lambda r: r.get("M")),
+            ("N×K", lambda r: _nk(r) if r.get("N") else None),
+        ]
+    parts = []
+    for name, f in fields:
+        vals = uniq(f)
+        if vals:
+            parts.append((f"{name} " if name else "") + ", ".join(map(str, vals)))
+    return f"{len(rows)} case(s) (" + "; ".join(parts) + ")"
+
+
+def deploy_not_timed(rows: list[dict], section: str) -> list[str]:
+    """One line per kind of error of ``section``'s error rows (``error`` field)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("section") == section and r.get("error") is not None:
+            groups.setdefault(_deploy_error(r["error"]), []).append(r)
+    return [f"Not timed, {_deploy_cases(g)}: {why}." for why, g in groups.items()]
+
+
+def deploy_goal_status(rows: list[dict]) -> list[str]:
+    """Per :data:`DEPLOY_GOALS`: the speed-ups of the timed rows in its scope (the fastest layout
+    or input per case and shape) against the target; 'met' only if every timed one reaches it."""
+    out = []
+    for g in DEPLOY_GOALS:
+
+        def scope(r, g=g):
+            m = r.get("M")
+            return (
+                r.get("section") == g.section
+                and (g.case is None or deploy_case(r) in (g.case, None))
+                and (g.max_m is None or m is None or 1 <= m <= g.max_m)
+            )
+
+        best = [b.row for b in deploy_fastest(rows, g.section) if scope(b.row)]
+        xs = [x for r in best if (x := deploy_speedup(r)) is not None]
+        missing = len([r for r in rows if scope(r) and r.get("error") is not None])
+        untimed = f"; {missing} case(s) not timed" if missing else ""
+        if not xs:
+            out.append(f"{g.label}: no timed row{untimed}: not shown to reach {g.target}×.")
+            continue
+        span = fmt_x(min(xs)) if len(xs) == 1 else f"{fmt_x(min(xs))} to {fmt_x(max(xs))}"
+        below = sum(x < g.target for x in xs)
+        verdict = (
+            f"{below} below the {g.target}× goal: not met"
+            if below
+            else f"all at or above the {g.target}× goal"
+        )
+        out.append(f"{g.label}: {span} over {len(xs)} timed shape(s), {verdict}{untimed}.")
+    return out
+
+
+def deploy_markdown(rows: list[dict]) -> str:
+    """The tables of one device's newest rows (:func:`deploy_latest`): goals status, wa16
+    (fastest layout per shape), the wa16 sweep summary, qmm, conv; and what was not timed."""
+    lines = ["Against the goals, from these rows:", ""]
+    lines += [f"* {s}" for s in deploy_goal_status(rows)] + [""]
+    wa16 = deploy_fastest(rows, "wa16")
+    if wa16 or deploy_not_timed(rows, "wa16"):
+        lines += [
+            "**Weight-only linear, W4A16 / W2A16 (`wa16`)**: fp16 `F.linear` (cuBLAS) on the "
+            "dequantized weights vs ours; per shape the fastest weight layout timed (the "
+            "others' speed-ups in brackets) and its kernel configuration. HBM: bytes moved "
+            "(ours: packed weights, scales, zeros, x and y; fp16: the fp16 weight) per "
+            "second, as a fraction of the card's HBM peak" + _peak_text(rows) + ".",
+            "",
+        ]
+    if wa16:
+        head = ["case", "M", "N×K", "ours ms", "fp16 ms", "speed-up", "HBM ours", "HBM fp16"]
+        head += ["layout (others)", "config"]
+        body = []
+        for b in wa16:
+            r = b.row
+            layout = _code(r.get("layout"))
+            if b.others:
+                others = ", ".join(
+                    f"{o.get('layout')} {fmt_x(deploy_speedup(o))}" for o in b.others
+                )
+                layout += f" ({others})"
+            body.append(
+                [
+                    deploy_case(r),
+                    r.get("M"),
+                    _nk(r),
+                    fmt_num(_t_ms(r, "ours")),
+                    fmt_num(_t_ms(r, "fp16")),
+                    fmt_x(deploy_speedup(r)),
+                    fmt_pct(r.get("hbm_frac")),
+                    fmt_pct(r.get("fp16_hbm_frac")),
+                    layout,
+                    _code(r["config"]) if r.get("config") else "–",
+                ]
+            )
+        lines += [*_md_table(head, body), ""]
+    lines += [*(f"{s}\n" for s in deploy_not_timed(rows, "wa16"))]
+    sweeps = deploy_sweep_summaries(rows)
+    if sweeps:
+        total = sum(s.timed for s in sweeps)
+        failed = sum(s.failed for s in sweeps)
+        lines += [
+            f"**Configuration sweep (`wa16-sweep`, `--sweep`)**: {total} candidate configurations "
+            f"timed ({failed} failed); per case and M the fastest, its speed-up over the case's "
+            "fp16 time of the same run, and how many it was chosen from:",
+            "",
+        ]
+        for s in sweeps:
+            lines.append("* " + _sweep_line(s))
+        lines.append("")
+    for section, title, shape_head, shape in (
+        (
+            "qmm",
+            "**Int8 tensor-core GEMM, W4A4 / W4A8 (`qmm`)**: fp16 `F.linear` (cuBLAS) vs "
+            "ours (fused bias, ReLU and requantisation to codes).",
+            ["M", "N", "K"],
+            lambda r: [r.get("M"), r.get("N"), r.get("K")],
+        ),
+        (
+            "conv",
+            "**Conv (`conv`)**: fp16 `F.conv2d` channels-last (cuDNN) vs ours, from a "
+            "channels-last or an NCHW input (the conversion timed inside the call).",
+            ["shape (N×C×H×W → O, k×k)", "input"],
+            lambda r: [_conv_shape(r), r.get("variant")],
+        ),
+    ):
+        timed = [r for r in rows if r.get("section") == section and _t_ms(r, "ours") is not None]
+        errors = deploy_not_timed(rows, section)
+        if not timed and not errors:
+            continue
+        lines += [title, ""]
+        if timed:
+            head = ["case", *shape_head, "ours ms", "fp16 ms", "speed-up"]
+            body = [
+                [
+                    deploy_case(r),
+                    *shape(r),
+                    fmt_num(_t_ms(r, "ours")),
+                    fmt_num(_t_ms(r, "fp16")),
+                    fmt_x(deploy_speedup(r)),
+                ]
+                for r in timed
+            ]
+            lines += [*_md_table(head, body), ""]
+        else:
+            lines += ["No timed row.", ""]
+        lines += [*(f"{s}\n" for s in errors)]
+    return "\n".join(lines).rstrip()
+
+
+def _peak_text(rows: list[dict]) -> str:
+    peaks = sorted(
+        {
+            round(r["GBps"] / r["hbm_frac"], -1)
+            for r in rows
+            if _num(r.get("GBps")) and _num(r.get("hbm_frac")) and r["hbm_frac"] > 0
+        }
+    )
+    if not peaks:
+        return ""
+    return f" ({', '.join(fmt_num(p) for p in peaks)} GB/s: `benchmarks/common.GPU_HBM_PEAK`)"
+
+
+def _sweep_line(s: SweepSummary) -> str:
+    ref = s.best if s.best is not None else {}
+    head = f"{ref.get('case', '–')} M = {ref.get('M', '–')}, {_nk(ref)}"
+    if s.best is None:
+        return f"{head}: all {s.failed} candidate(s) failed."
+    b = s.best
+    text = (
+        f"{head}: {fmt_x(deploy_speedup(b))} ({fmt_num(_t_ms(b, 'ours'))} ms), layout "
+        f"{_code(b.get('layout'))}, {_code(b.get('config'))}; best of {s.timed} timed"
+    )
+    if len(s.layouts) > 1:
+        text += f" over layouts {', '.join(s.layouts)}"
+    if s.failed:
+        text += f", {s.failed} failed"
+    t = s.tuned
+    if t is not None:
+        if t.get("config") == b.get("config"):
+            text += (
+                f". The table's `{t.get('layout')}` row ran the same config: "
+                f"{fmt_x(deploy_speedup(t))} ({fmt_num(_t_ms(t, 'ours'))} ms)"
+            )
+        else:
+            text += (
+                f". The tuner chose {_code(t.get('config'))} for that layout: "
+                f"{fmt_x(deploy_speedup(t))}"
+            )
+    return text + "."
+
+
 # ----------------------------------------------------------------------------- sweep report
 
 

@@ -1,7 +1,8 @@
 """The README speed tables (pdquant_fast.report, benchmarks/make_readme_tables.py) on small
 synthetic benchmark rows: newest-run selection, the fused-candidate choice, ratios only within a
-run, the vs-int8 ratio, several packed bit-widths, the reference-backend rule, and the
-calibration tables."""
+run, the vs-int8 ratio, several packed bit-widths, the reference-backend rule, the
+calibration tables, and the GPU deployment tables (newest run per key, fastest layout, the
+sweep summary, the goals)."""
 
 import json
 import runpy
@@ -291,6 +292,140 @@ def test_calibration_tables_take_the_newest_run_per_command_and_device():
     )
 
 
+# ----------------------------------------------------------------------------- GPU deployment
+
+
+def _t(ms):
+    return {"median_s": ms / 1e3, "p10_s": ms / 1e3, "p90_s": ms / 1e3, "n": -1}
+
+
+def _d(section, ts="07:00:00", ours=None, fp16=None, **fields):
+    """A bench_deploy_gpu.py row (NVIDIA H200, git sNN after the hour of ``ts``)."""
+    row = {"section": section, **fields, "_file": "deploy_gpu"}
+    if ours is not None:
+        row["ours"] = _t(ours)
+    if fp16 is not None:
+        row["fp16"] = _t(fp16)
+        row["speedup"] = fp16 / ours if ours else None
+    return {**row, **_env(ts, device="NVIDIA H200", sha=f"s{ts[:2]}", cmd="python dep.py")}
+
+
+def _wa16(layout, m, ours, fp16=0.2, ts="07:00:00", case="W4A16", n=64, **extra):
+    extra.setdefault("config", f"cfg-{layout}")
+    return _d("wa16", ts, ours, fp16, case=case, layout=layout, M=m, N=n, K=n, **extra)
+
+
+def _sweep(config, ours, speedup, ts="07:00:00", layout="plain", m=1, case="W4A16", **extra):
+    row = _d("wa16-sweep", ts, ours, case=case, layout=layout, M=m, N=64, K=64, config=config)
+    return {**row, "speedup": speedup, **extra}
+
+
+def test_deploy_rows_keep_the_newest_run_per_section_case_layout_shape_and_device():
+    rows = [
+        _wa16("plain", 1, 0.40, ts="06:00:00"),  # superseded by the 07:00 run of the same key
+        _wa16("plain", 1, 0.10),
+        _wa16("plain", 4, 0.30, ts="06:00:00"),  # no newer run of M=4: kept
+        _wa16("plain", 1, 0.50, ts="06:00:00", n=128),  # a newer run skipped N=K=128 ...
+        _d("wa16", "08:00:00", N=128, K=128, bits=4, error="skipped"),  # ... so this stands
+        _d("wa16", "05:00:00", N=64, K=64, bits=4, error="skipped"),  # older than its timings
+        _wa16("plain", 1, 0.10, ts="06:00:00", case="W2A16"),  # another case: kept
+        _wa16("plain", 1, 0.30, ts="09:00:00", fp16=0.3) | {"device": "NVIDIA H100"},
+        # a sweep: only the candidates of its newest run, one row per candidate
+        _sweep("a", 0.30, 0.7, ts="06:00:00"),
+        _sweep("b", 0.05, 4.0, ts="06:00:00"),  # fastest, but an older sweep run
+        _sweep("a", 0.20, 1.0),
+        _sweep("c", 0.25, 0.8),
+    ]
+    kept = report.deploy_latest(rows)
+    got = [
+        (r["section"], report.deploy_case(r), r.get("M"), r.get("N"), r["timestamp"][11:13])
+        for r in kept
+        if r["device"] == "NVIDIA H200"
+    ]
+    assert got == [
+        ("wa16", "W4A16", 1, 64, "07"),
+        ("wa16", "W4A16", 4, 64, "06"),
+        ("wa16", "W4A16", None, 128, "08"),
+        ("wa16", "W2A16", 1, 64, "06"),
+        ("wa16-sweep", "W4A16", 1, 64, "07"),
+        ("wa16-sweep", "W4A16", 1, 64, "07"),
+    ]
+    assert sum(r["device"] == "NVIDIA H100" for r in kept) == 1  # keyed by device too
+    (s,) = report.deploy_sweep_summaries(kept)
+    assert (s.best["config"], s.timed, s.failed) == ("a", 2, 0)
+
+
+def test_wa16_table_shows_the_fastest_layout_per_shape_and_names_the_others():
+    rows = [
+        _wa16("plain", 1, 0.20, fp16=0.25),
+        _wa16("ilv32x16", 1, 0.10, fp16=0.25, hbm_frac=0.5, fp16_hbm_frac=0.8),
+        _wa16("ilv8x32", 1, 0.40, fp16=0.25),
+        _wa16("plain", 4, 0.125, fp16=0.25),
+    ]
+    rows[0]["speedup"] = 99.0  # the table divides the timings of the row, not this field
+    best = report.deploy_fastest(rows, "wa16")
+    assert [(b.row["M"], b.row["layout"]) for b in best] == [(1, "ilv32x16"), (4, "plain")]
+    assert [o["layout"] for o in best[0].others] == ["plain", "ilv8x32"]
+    md = report.deploy_markdown(rows)
+    assert (
+        "| W4A16 | 1 | 64×64 | 0.100 | 0.250 | 2.50× | 50.0% | 80.0% | "
+        "`ilv32x16` (plain 1.25×, ilv8x32 0.625×) | `cfg-ilv32x16` |" in md
+    )
+    assert "| W4A16 | 4 | 64×64 | 0.125 | 0.250 | 2.00× | – | – | `plain` | `cfg-plain` |" in md
+    assert report.fmt_x(1.2549) == "1.25×" and report.fmt_x(0.94606) == "0.946×"
+    assert report.fmt_x(None) == "–"
+
+
+def test_sweep_is_one_line_per_case_and_batch_with_the_best_candidate_and_the_count():
+    rows = [
+        _wa16("plain", 1, 0.20, config="b"),
+        _sweep("a", 0.30, 0.70),
+        _sweep("b", 0.18, 1.25),
+        _sweep("c", 0.25, 0.90, layout="ilv32x16"),
+        _d("wa16-sweep", case="W4A16", layout="plain", M=1, N=64, K=64, config="d", error="x"),
+        _sweep("a", 0.50, 0.50, m=4),
+    ]
+    s1, s4 = report.deploy_sweep_summaries(rows)
+    assert (s1.best["config"], s1.timed, s1.failed, s1.layouts) == (
+        "b",
+        3,
+        1,
+        ["plain", "ilv32x16"],
+    )
+    assert s1.tuned is rows[0] and s4.tuned is None and s4.timed == 1
+    md = report.deploy_markdown(rows)
+    lines = [ln for ln in md.splitlines() if ln.startswith("* W4A16 M = ")]
+    assert len(lines) == 2  # not a row per candidate
+    assert lines[0].startswith("* W4A16 M = 1, 64×64: 1.25× (0.180 ms), layout `plain`, `b`;")
+    assert "best of 3 timed over layouts plain, ilv32x16, 1 failed." in lines[0]
+    assert "the same config: 1.00× (0.200 ms)" in lines[0]
+    assert "4 candidate configurations timed (1 failed)" in md
+    assert "`a`;" in lines[1] and "| W4A16 | 1 | 64×64 | 0.200" in md
+
+
+def test_goals_are_met_only_when_every_timed_case_reaches_them():
+    rows = [
+        _wa16("plain", 1, 0.10, fp16=0.30),  # 3.0x
+        _wa16("plain", 16, 0.10, fp16=0.27),  # 2.7x
+        _wa16("plain", 64, 0.10, fp16=0.10),  # outside batch 1-16: not counted
+        _wa16("plain", 1, 0.10, fp16=0.30, case="W2A16"),  # 3.0x < 3.5x
+        _d("qmm", case="W4A4", M=4096, N=64, K=64, error="  x\n    acc = tl.dot(a, b)\n ^^^"),
+        _d("conv", ours=0.5, fp16=1.0, case="c", batch=8, C=4, HW=8, O=4, k=3, groups=1),
+    ]
+    status = report.deploy_goal_status(rows)
+    assert (
+        status[0] == "W4A16: 2.70× to 3.00× over 2 timed shape(s), all at or above the 2.6× goal."
+    )
+    assert status[1].startswith("W2A16: 3.00× over 1 timed shape(s), 1 below the 3.5× goal: not")
+    assert status[2] == (
+        "W4A4 GEMM (`qmm`): no timed row; 1 case(s) not timed: not shown to reach 1.6×."
+    )
+    assert "2.00× over 1 timed shape(s), all at or above" in status[3]
+    md = report.deploy_markdown(rows)
+    assert "the recorded error ends in `acc = tl.dot(a, b)`" in md and "No timed row." in md
+    assert "| c | 8×4×8×8 → 4, 3×3 | – | 0.500 | 1.00 | 2.00× |" in md
+
+
 # ----------------------------------------------------------------------------- the generator
 
 
@@ -340,7 +475,16 @@ def test_generator_builds_every_speed_block_from_synthetic_rows(tmp_path):
             _lat("packed", "cpp", 1, 2.0, "07:00:00"),
         ],
     )
-    blocks = ("accuracy", "kernels", "calibration", "latency")
+    _write(
+        res / "deploy_gpu.jsonl",
+        [
+            _wa16("plain", 1, 0.20, fp16=0.25),
+            _wa16("ilv32x16", 1, 0.10, fp16=0.25),
+            _sweep("a", 0.30, 0.70),
+            _sweep("b", 0.18, 1.25),
+        ],
+    )
+    blocks = ("accuracy", "kernels", "calibration", "latency", "deploy_gpu")
     (tmp_path / "README.md").write_text(
         "".join(
             f"<!-- BEGIN GENERATED: {b} -->\nSTALE-PLACEHOLDER\n<!-- END GENERATED: {b} -->\n"
@@ -358,3 +502,21 @@ def test_generator_builds_every_speed_block_from_synthetic_rows(tmp_path):
     assert "No calibration" not in text and "`python bench.py`" in text
     assert "| packed W4A4 (cpp) | 2.00 (5.0× fp32, 2.5× int8) |" in text
     assert set(images) == {Path("docs/img/latency_vs_batch.png")}
+    deploy = text[text.index("BEGIN GENERATED: deploy_gpu") :]
+    assert "#### NVIDIA H200" in deploy and "Command: `python dep.py`" in deploy
+    assert "| W4A16 | 1 | 64×64 | 0.100 | 0.250 | 2.50× |" in deploy
+    assert "* W4A16 M = 1, 64×64: 1.25× (0.180 ms)" in deploy and "| `b` |" not in deploy
+    assert "W4A16 ≥ 2.6× and W2A16 ≥ 3.5× cuBLAS fp16" in deploy
+    assert "provenance note" not in deploy  # gpu_run's rows: another git SHA
+    # the PROVENANCE.md of another folder with rows of the same device and git SHA
+    _write(
+        res / "gpu_run" / "calib_kernels_gpu.jsonl", [{**_k("fq", "cuda", 0.2), "git_sha": "s07"}]
+    )
+    (tmp_path / "README.md").write_text(text)
+    text, _ = mod["generate"](tmp_path, tmp_path / "img")
+    assert "provenance note: [benchmarks/results/gpu_run/PROVENANCE.md]" in text
+    assert "(it does not name these rows)" in text
+    # a README with one deploy_gpu marker but not the other is an error, not a skip
+    (tmp_path / "README.md").write_text(text.replace("<!-- END GENERATED: deploy_gpu -->", ""))
+    with pytest.raises(SystemExit, match="END GENERATED: deploy_gpu"):
+        mod["generate"](tmp_path, tmp_path / "img")
