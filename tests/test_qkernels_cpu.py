@@ -441,3 +441,30 @@ def test_quantize_codes_op_keeps_channels_last():
     q = ops.quantize_codes(x, 0.05, 2, 4)
     assert q.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(q, quantize_codes_reference(x, 0.05, 2, 4))
+
+
+def test_residual_is_checked_for_an_empty_batch_too():
+    """An empty batch returns an empty output, but a bad residual is still an error."""
+    args = _good_conv_args()
+    args[0] = torch.zeros(0, 4, 5, 5, dtype=torch.uint8)
+    assert _C.qconv2d_cpu(*args).shape == (0, 8, 5, 5)
+    args[9] = torch.zeros(1, 8, 5, 5, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        _C.qconv2d_cpu(*args, 0.1, 0)
+    x = torch.zeros(0, 16, dtype=torch.uint8)
+    w = torch.ones(8, 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="qlinear: res_zp must be a uint8 code"):
+        _C.qlinear_cpu(
+            x,
+            0,
+            w,
+            torch.ones(8),
+            torch.zeros(8),
+            0,
+            torch.zeros(0, 8, dtype=torch.uint8),
+            0.1,
+            0,
+            4,
+            0.1,
+            300,
+        )

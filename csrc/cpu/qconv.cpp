@@ -84,12 +84,6 @@ void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("qconv2d: " + msg);
 }
 
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
   check(w_in.dim() == 4, "w must be 4-d [O, C/groups, KH, KW], got " + shape_str(w_in));
   check(w_in.scalar_type() == at::kChar || w_in.scalar_type() == at::kShort,
@@ -594,38 +588,16 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const int64_t O = pk.O, P = Ho * Wo;
   at::Tensor out = at::empty({N, O, Ho, Wo},
                              x.options().dtype(out_bits ? at::kByte : at::kFloat), fmt);
-  at::Tensor res;
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    check((r.scalar_type() == at::kFloat || r.scalar_type() == at::kByte) && r.device().is_cpu(),
-          "residual must be a float32 (values) or uint8 (codes) CPU tensor, got " +
-              std::string(c10::toString(r.scalar_type())));
-    check(r.sizes() == out.sizes(), "residual must have the output's shape " + shape_str(out) +
-                                        ", got " + shape_str(r));
-    if (r.scalar_type() == at::kByte) {
-      check(std::isfinite(res_scale) && res_scale > 0,
-            "uint8 residual codes need res_scale finite and > 0, got " +
-                std::to_string(res_scale));
-      check(0 <= res_zp && res_zp <= 255,
-            "res_zp must be a uint8 code 0..255, got " + std::to_string(res_zp));
-    }
-    res = r.contiguous(fmt);
-  }
+  Epilogue e;
+  at::Tensor res;  // keeps the bound residual alive
+  bind_residual(e, residual, out, fmt, res_scale, res_zp, &res, "qconv2d");
   if (N == 0 || P == 0) return out;
 
   const Isa isa = active_isa();
-  Epilogue e;
   e.x_zp = static_cast<int32_t>(x_zp);
   e.sumw = pk.sumw.data_ptr<int32_t>();
   e.scale = scale.data_ptr<float>();
   e.bias = bias.data_ptr<float>();
-  if (res.defined() && res.scalar_type() == at::kByte) {
-    e.residual_q = res.data_ptr<uint8_t>();
-    e.res_scale = static_cast<float>(res_scale);
-    e.res_zp = static_cast<float>(res_zp);
-  } else if (res.defined()) {
-    e.residual = res.data_ptr<float>();
-  }
   e.act = static_cast<int>(act);
   e.out_scale = static_cast<float>(out_scale);
   e.out_zp = static_cast<float>(out_zp);

@@ -40,6 +40,42 @@ Isa checked(Isa want, const char* where) {
 }
 }  // namespace
 
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void bind_residual(Epilogue& e, const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                   at::MemoryFormat fmt, double res_scale, int64_t res_zp, at::Tensor* keep,
+                   const char* op) {
+  if (!residual.has_value()) return;
+  auto check = [op](bool ok, const std::string& msg) {
+    if (!ok) throw std::invalid_argument(std::string(op) + ": " + msg);
+  };
+  const at::Tensor& r = *residual;
+  const bool codes = r.scalar_type() == at::kByte;
+  check((r.scalar_type() == at::kFloat || codes) && r.device().is_cpu(),
+        "residual must be a float32 (values) or uint8 (codes) CPU tensor, got " +
+            std::string(c10::toString(r.scalar_type())));
+  check(r.sizes() == out.sizes(),
+        "residual must have the output's shape " + shape_str(out) + ", got " + shape_str(r));
+  if (codes) {
+    check(std::isfinite(res_scale) && res_scale > 0,
+          "uint8 residual codes need res_scale finite and > 0, got " + std::to_string(res_scale));
+    check(0 <= res_zp && res_zp <= 255,
+          "res_zp must be a uint8 code 0..255, got " + std::to_string(res_zp));
+  }
+  *keep = r.contiguous(fmt);
+  if (codes) {
+    e.residual_q = keep->data_ptr<uint8_t>();
+    e.res_scale = static_cast<float>(res_scale);
+    e.res_zp = static_cast<float>(res_zp);
+  } else {
+    e.residual = keep->data_ptr<float>();
+  }
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kScalar:

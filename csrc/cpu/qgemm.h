@@ -29,6 +29,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace pdquant::qk {
@@ -124,6 +125,17 @@ struct TileDst {
   int64_t sx_row0;  // index of row 0 in Epilogue::sx
 };
 void epilogue(Isa isa, const Epilogue& e, const int32_t* c, int64_t ldc, const TileDst& d);
+
+// "[d0, d1, ...]" for error messages.
+std::string shape_str(const at::Tensor& t);
+
+// Checks the optional residual of qconv2d/qlinear against `out` (float32 values, or uint8 codes
+// with res_scale finite > 0 and res_zp in 0..255; CPU; out's shape), keeps it `fmt`-contiguous
+// in *keep and points e.residual / e.residual_q (+ res_scale, res_zp) at it. Errors throw
+// std::invalid_argument prefixed with `op`.
+void bind_residual(Epilogue& e, const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                   at::MemoryFormat fmt, double res_scale, int64_t res_zp, at::Tensor* keep,
+                   const char* op);
 
 // Requantises a tile stored channel-major, c[i][px] (i < nch channels o0 + i, px < npix <= 16
 // consecutive output pixels): value (i, px) goes to flat output index base + i * ch_stride + px.

@@ -67,12 +67,6 @@ void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("qlinear: " + msg);
 }
 
-std::string shape_str(const at::Tensor& t) {
-  std::string s = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
-  return s + "]";
-}
-
 std::shared_ptr<PackedLinear> prepack(const at::Tensor& w_in, int64_t w_bits) {
   check(w_in.dim() == 2, "w must be 2-d [O, K], got " + shape_str(w_in));
   check(w_in.scalar_type() == at::kChar || w_in.scalar_type() == at::kShort,
@@ -220,23 +214,10 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0);
   at::Tensor out = at::empty({N, O}, x.options().dtype(out_bits ? at::kByte : at::kFloat));
-  at::Tensor res;
-  if (residual.has_value()) {
-    const at::Tensor& r = *residual;
-    check((r.scalar_type() == at::kFloat || r.scalar_type() == at::kByte) && r.device().is_cpu(),
-          "residual must be a float32 (values) or uint8 (codes) CPU tensor, got " +
-              std::string(c10::toString(r.scalar_type())));
-    check(r.sizes() == out.sizes(), "residual must have the output's shape " + shape_str(out) +
-                                        ", got " + shape_str(r));
-    if (r.scalar_type() == at::kByte) {
-      check(std::isfinite(res_scale) && res_scale > 0,
-            "uint8 residual codes need res_scale finite and > 0, got " +
-                std::to_string(res_scale));
-      check(0 <= res_zp && res_zp <= 255,
-            "res_zp must be a uint8 code 0..255, got " + std::to_string(res_zp));
-    }
-    res = r.contiguous();
-  }
+  Epilogue e;
+  at::Tensor res;  // keeps the bound residual alive
+  bind_residual(e, residual, out, at::MemoryFormat::Contiguous, res_scale, res_zp, &res,
+                "qlinear");
   if (N == 0) return out;
 
   const Isa isa = active_isa();
@@ -274,20 +255,12 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
       }
     });
   }
-  Epilogue e;
   e.x_zp = static_cast<int32_t>(x_zp);
   e.sumw = pk.sumw.data_ptr<int32_t>();
   e.off = sub ? pk.off.data_ptr<int32_t>() : nullptr;
   e.sx = sub ? sx_t.data_ptr<int32_t>() : nullptr;
   e.scale = scale.data_ptr<float>();
   e.bias = bias.data_ptr<float>();
-  if (res.defined() && res.scalar_type() == at::kByte) {
-    e.residual_q = res.data_ptr<uint8_t>();
-    e.res_scale = static_cast<float>(res_scale);
-    e.res_zp = static_cast<float>(res_zp);
-  } else if (res.defined()) {
-    e.residual = res.data_ptr<float>();
-  }
   e.act = static_cast<int>(act);
   e.out_scale = static_cast<float>(out_scale);
   e.out_zp = static_cast<float>(out_zp);
