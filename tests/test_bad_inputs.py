@@ -769,6 +769,11 @@ def _op_cases() -> dict:
             ],
             ["x", None, "w", "scale", "bias", None, None, None, None, "residual", None, None, None],
         ),
+        "max_pool2d_codes": (
+            ops.max_pool2d_codes,
+            [xu, [3, 3], [2, 2], [1, 1]],
+            ["x", None, None, None],
+        ),
         "quantize_codes": (ops.quantize_codes, [f(2, 3, 4, 4), 0.1, 3, 4], ["x", None, None, None]),
         "qlinear": (
             ops.qlinear,

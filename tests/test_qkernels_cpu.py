@@ -468,3 +468,79 @@ def test_residual_is_checked_for_an_empty_batch_too():
             0.1,
             300,
         )
+
+
+@pytest.mark.parametrize(
+    "shape, k, s, p",
+    [
+        ((2, 3, 9, 10), (3, 3), (2, 2), (1, 1)),  # ResNet stem pool, odd/even sizes
+        ((1, 5, 8, 8), (2, 2), (2, 2), (0, 0)),
+        ((1, 2, 7, 5), (3, 1), (1, 2), (1, 0)),
+        ((2, 4, 1, 6), (1, 3), (1, 1), (0, 1)),
+        ((1, 1, 4, 4), (4, 4), (1, 1), (2, 2)),  # padding = half the kernel: border windows
+    ],
+)
+@pytest.mark.parametrize("isa", ISAS)
+def test_max_pool2d_codes_bit_exact(shape, k, s, p, isa):
+    from pdquant_fast import ops
+    from pdquant_fast.ops.reference import max_pool2d_codes_reference
+
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    ref = max_pool2d_codes_reference(x, list(k), list(s), list(p))
+    assert torch.equal(_C.max_pool2d_codes_cpu(x, list(k), list(s), list(p)), ref)
+    wide = torch.randint(0, 256, (1, 2, 7, 150), generator=g, dtype=torch.uint8)  # > 64 lanes
+    assert torch.equal(
+        _C.max_pool2d_codes_cpu(wide, list(k), list(s), list(p)),
+        max_pool2d_codes_reference(wide, list(k), list(s), list(p)),
+    )
+    assert torch.equal(ops.max_pool2d_codes(x, list(k), list(s), list(p)), ref)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_C.max_pool2d_codes_cpu(cl, list(k), list(s), list(p)), ref)
+
+
+def test_max_pool2d_codes_rejects_bad_input():
+    from pdquant_fast import ops
+
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ops.OpInputError, match="x must be"):
+        ops.max_pool2d_codes(x.float(), [2, 2], [2, 2], [0, 0])
+    with pytest.raises(ops.OpInputError, match="at most half the kernel"):
+        ops.max_pool2d_codes(x, [2, 2], [2, 2], [2, 0])
+    with pytest.raises(ops.OpInputError, match="stride must be two ints >= 1"):
+        ops.max_pool2d_codes(x, [2, 2], [0, 2], [0, 0])
+    with pytest.raises(ops.OpInputError, match="smaller than the kernel"):
+        ops.max_pool2d_codes(x, [5, 5], [1, 1], [0, 0])
+    with pytest.raises(ValueError, match="padding must be >= 0 and at most half"):
+        _C.max_pool2d_codes_cpu(x, [2, 2], [2, 2], [2, 0])
+
+
+def test_runtime_pools_codes_with_the_op_only_for_what_it_computes():
+    from pdquant_fast.deploy.runtime import _pool_on_codes
+
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+    kw = dict(kernel_size=3, stride=2, padding=1, dilation=1, ceil_mode=False)
+    assert _pool_on_codes([x], kw) == ([3, 3], [2, 2], [1, 1])
+    assert _pool_on_codes([x], dict(kernel_size=[2, 3])) == ([2, 3], [2, 3], [0, 0])
+    assert _pool_on_codes([x], dict(kw, ceil_mode=True)) is None
+    assert _pool_on_codes([x], dict(kw, dilation=2)) is None
+    assert _pool_on_codes([x, 3], {}) is None
+
+
+def test_relu_before_a_zero_point_0_quantizer_changes_no_code():
+    """Why the packed runtime may skip a float layer's ReLU that feeds a quantizer with zero
+    point 0: every negative value (and -0.0) gets code 0 either way."""
+    from pdquant_fast import ops
+
+    g = torch.Generator().manual_seed(37)
+    x = torch.randn(4, 8, 9, 9, generator=g) * 3
+    x[0, 0, 0, :4] = torch.tensor([-0.0, -1e-30, -0.05, 0.05])
+    for bits in (2, 4, 8):
+        assert torch.equal(
+            ops.quantize_codes(torch.relu(x), 0.1, 0, bits), ops.quantize_codes(x, 0.1, 0, bits)
+        )
+    # with a positive zero point it would change codes: the runtime must not skip then
+    assert not torch.equal(
+        ops.quantize_codes(torch.relu(x), 0.1, 3, 4), ops.quantize_codes(x, 0.1, 3, 4)
+    )

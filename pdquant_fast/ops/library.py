@@ -375,6 +375,7 @@ backends.register_op("unpack", PACK_BITS)
 backends.register_op("qconv2d", None)
 backends.register_op("qlinear", None)
 backends.register_op("quantize_codes", None)
+backends.register_op("max_pool2d_codes", None)
 
 
 def _check_pack_bits(bits: int) -> None:
@@ -454,6 +455,44 @@ def quantize_codes(x: Tensor, delta: float, zp: int, bits: int) -> Tensor:
 @quantize_codes.register_fake
 def _(x, delta, zp, bits):
     return torch.empty_like(x, dtype=torch.uint8)
+
+
+@torch.library.custom_op("pdquant::max_pool2d_codes", mutates_args=())
+def max_pool2d_codes(
+    x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]
+) -> Tensor:
+    """Max-pool of uint8 activation codes ``[N, C, H, W]``: the max over each window's in-bounds
+    taps (padding never wins), no dilation, floor output size; exact, and equal to pooling the
+    dequantized values (the dequantization is increasing). See
+    :func:`~.reference.max_pool2d_codes_reference`."""
+    _check_tensor("x", x, torch.uint8, x.device)
+    if x.dim() != 4:
+        raise OpInputError(f"x must be 4-d [N, C, H, W] codes, got shape {tuple(x.shape)}")
+    for name, v, lo in (
+        ("kernel_size", kernel_size, 1),
+        ("stride", stride, 1),
+        ("padding", padding, 0),
+    ):
+        if len(v) != 2 or any(isinstance(i, bool) or not isinstance(i, int) or i < lo for i in v):
+            raise OpInputError(f"{name} must be two ints >= {lo}, got {list(v)!r}")
+    if any(2 * p > k for p, k in zip(padding, kernel_size, strict=True)):
+        raise OpInputError(
+            f"padding {list(padding)} must be at most half the kernel size {list(kernel_size)}"
+        )
+    if any(x.shape[2 + i] + 2 * padding[i] < kernel_size[i] for i in range(2)):
+        raise OpInputError(
+            f"the padded input {tuple(x.shape[2:])} + 2 x {list(padding)} is smaller than the "
+            f"kernel {list(kernel_size)}"
+        )
+    return _run("max_pool2d_codes", x.device, None)(x, kernel_size, stride, padding)
+
+
+@max_pool2d_codes.register_fake
+def _(x, kernel_size, stride, padding):
+    n, c, h, w = x.shape
+    ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    wo = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    return x.new_empty((n, c, ho, wo))
 
 
 def _check_requant(

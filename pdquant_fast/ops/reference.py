@@ -322,6 +322,15 @@ def quantize_codes_reference(x: torch.Tensor, delta: float, zp: int, bits: int) 
     return q.to(torch.uint8)
 
 
+def max_pool2d_codes_reference(x: torch.Tensor, kernel_size, stride, padding) -> torch.Tensor:
+    """``F.max_pool2d`` of the codes as float32 (exact for integers; -inf padding, so only
+    in-bounds taps count), cast back to uint8."""
+    y = torch.nn.functional.max_pool2d(
+        x.to(torch.float32), tuple(kernel_size), tuple(stride), tuple(padding)
+    )
+    return y.to(torch.uint8)
+
+
 def dequantize_residual(residual: torch.Tensor, res_scale: float, res_zp: int) -> torch.Tensor:
     """A float32 residual as it is; uint8 codes as ``(float32(code) - res_zp) * res_scale``
     (float32, one rounding: the packed runtime's and the simulation's dequantization)."""
