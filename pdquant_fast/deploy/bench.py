@@ -1,7 +1,8 @@
 """Latency of a packed model against FP32 PyTorch and PyTorch int8 (torch.ao, x86/FBGEMM).
 
 All three run on the same architecture, the same input shape and the same thread count, timed
-in one process moments apart (median and 10th/90th percentiles over ``repeat`` calls after
+in one process in interleaved rounds (packed, FP32, int8, packed, ...: a change of load on a
+shared machine hits them alike; median and 10th/90th percentiles over ``repeat`` calls after
 ``warmup``); speed-ups are ratios of medians against the FP32 row of the same batch. The FP32
 network is rebuilt from the manifest's model name (weights do not change latency: random ones
 are used where no packaged weights exist); the int8 baseline is that network through
@@ -25,19 +26,9 @@ from .format import DeployError
 from .load import load_packed
 
 
-def _time(fn: Callable[[torch.Tensor], object], x: torch.Tensor, warmup: int, repeat: int) -> dict:
-    """Seconds of ``fn(x)`` (CUDA: synchronised): median and 10th/90th percentiles, in ms."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        fn(x)
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+def _stats(times: list[float]) -> dict:
+    """Median and 10th/90th percentiles (ms) of a list of seconds."""
+    times = sorted(times)
 
     def pct(q):
         k = (len(times) - 1) * q
@@ -50,6 +41,27 @@ def _time(fn: Callable[[torch.Tensor], object], x: torch.Tensor, warmup: int, re
         "p90_ms": pct(0.9) * 1e3,
         "n": len(times),
     }
+
+
+def _time_interleaved(
+    fns: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, warmup: int, repeat: int
+) -> dict[str, dict]:
+    """Seconds of each ``fn(x)`` (CUDA: synchronised), timed in rounds (A, B, C, A, B, C, ...)
+    so that a change of load on a shared machine hits every implementation alike."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {k: _stats(v) for k, v in times.items()}
+
 
 
 def fp32_model(manifest: dict) -> nn.Module | None:
@@ -140,28 +152,27 @@ def bench_latency(
             "threads": torch.get_num_threads(),
             "device": device,
         }
-        t = _time(pm, x, warmup, repeat)
-        rows.append({**common, "impl": "packed", "backend": backend, "validated": validated, **t})
-        log(f"batch {b}: packed ({backend}) {t['median_ms']:.2f} ms")
+        fns = {"packed": pm}
         if fp is not None:
-            t = _time(fp, x, warmup, repeat)
-            rows.append({**common, "impl": "fp32", "backend": "torch", "validated": None, **t})
-            log(f"batch {b}: fp32 {t['median_ms']:.2f} ms")
-            if device == "cpu":
-                if q8 is not None:
-                    t = _time(q8, x, warmup, repeat)
-                    rows.append(
-                        {
-                            **common,
-                            "impl": "int8_ao",
-                            "backend": "x86/fbgemm",
-                            "validated": None,
-                            **t,
-                        }
-                    )
-                    log(f"batch {b}: int8 torch.ao {t['median_ms']:.2f} ms")
-                else:
-                    log(f"batch {b}: int8 torch.ao skipped: {why}")
+            fns["fp32"] = fp
+            if device == "cpu" and q8 is not None:
+                fns["int8_ao"] = q8
+        t = _time_interleaved(fns, x, warmup, repeat)
+        rows.append(
+            {**common, "impl": "packed", "backend": backend, "validated": validated, **t["packed"]}
+        )
+        log(f"batch {b}: packed ({backend}) {t['packed']['median_ms']:.2f} ms")
+        if "fp32" in t:
+            rows.append(
+                {**common, "impl": "fp32", "backend": "torch", "validated": None, **t["fp32"]}
+            )
+            log(f"batch {b}: fp32 {t['fp32']['median_ms']:.2f} ms")
+        if "int8_ao" in t:
+            row = {**common, "impl": "int8_ao", "backend": "x86/fbgemm", "validated": None}
+            rows.append({**row, **t["int8_ao"]})
+            log(f"batch {b}: int8 torch.ao {t['int8_ao']['median_ms']:.2f} ms")
+        elif fp is not None and device == "cpu":
+            log(f"batch {b}: int8 torch.ao skipped: {why}")
     for r in rows:
         r["images_per_s"] = r["batch"] / (r["median_ms"] / 1e3)
         base = next((o for o in rows if o["batch"] == r["batch"] and o["impl"] == "fp32"), None)
