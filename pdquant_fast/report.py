@@ -1870,12 +1870,24 @@ def write_sweep_report(grid, out: Path, *, failed: dict[str, str] | None = None)
         )
     lat_files = expand_globs(grid.latency_globs)
     if lat_files:
-        pts, skipped = latency_points(load_bench_rows(lat_files))
-        if pts:
-            plots.append(plot_latency(pts, out / "plots" / "latency_vs_batch.png"))
-            text += "\n## Latency\n\n" + latency_markdown(pts) + "\n"
-        if skipped:
-            text += f"\n{skipped} latency row(s) without format/batch/timing were skipped.\n"
+        rows = load_bench_rows(lat_files)
+        tables, notes = latency_tables(rows)
+        if tables:  # bench_packed_latency rows: the README's tables (same rule, vs-int8 ratios)
+            plots.append(
+                plot_latency(latency_table_points(tables), out / "plots" / "latency_vs_batch.png")
+            )
+            text += "\n## Latency\n\n" + LATENCY_RULE + "\n"
+            for t in tables:
+                text += f"\n### {t.model or 'model not recorded'} on {t.device}\n\n"
+                text += latency_table_markdown(t) + "\n"
+            text += "".join(f"\n{n}\n" for n in notes)
+        else:  # other latency rows: one generic table per model and device
+            pts, skipped = latency_points(rows)
+            if pts:
+                plots.append(plot_latency(pts, out / "plots" / "latency_vs_batch.png"))
+                text += "\n## Latency\n\n" + latency_markdown(pts) + "\n"
+            if skipped:
+                text += f"\n{skipped} latency row(s) without format/batch/timing were skipped.\n"
     if plots:
         text += "\n## Plots\n\n" + "\n".join(
             f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots

@@ -475,7 +475,9 @@ def test_report_writes_csv_markdown_and_plots(tmp_path, stub):
     assert csv_text[0].startswith("model,label,method,w_bits,a_bits,iters")
     assert len(csv_text) == 1 + 4  # 2 methods x 2 bits, one eval set
     md = (out / "summary.md").read_text()
-    assert "## Latency" in md and "| packed W4A4 | 0.4 (x2.50) | 3.2 (x2.50) | 25.6 (x2.50) |" in md
+    # the README's latency tables (report.latency_tables): same rule, ratios in the same run
+    assert "## Latency" in md and report.LATENCY_RULE in md
+    assert "| packed W4A4 | 0.400 (2.5× fp32) | 3.20 (2.5× fp32) | 25.6 (2.5× fp32) |" in md
     # same results -> same plot bytes (no timestamp in the PNG)
     before = {p: p.read_bytes() for p in pngs}
     run_sweep(g, out, cli=stub.cmd, echo=_quiet)
