@@ -96,6 +96,12 @@ def main(argv=None) -> int:
         default=["w4a4", "w2a4", "w2a2"],
         help="packed formats wNaM (weight / activation bits), default w4a4 w2a4 w2a2",
     )
+    p.add_argument(
+        "--input-bits",
+        type=int,
+        help="also quantize the network input at this many bits (CalibConfig.input_a_bits: an "
+        "integer stem); rows are labelled e.g. W4A4-in8",
+    )
     p.add_argument("--out", help="results folder (default benchmarks/results/)")
     args = p.parse_args(argv)
     formats = [parse_format(f, p) for f in args.formats]
@@ -103,7 +109,8 @@ def main(argv=None) -> int:
     for name, (w_bits, a_bits) in [(m, f) for m in args.models for f in formats]:
         model, shape = build(name)
         gen = torch.Generator().manual_seed(0)
-        q = quick_quantize(model, torch.randn(8, *shape, generator=gen), w_bits, a_bits)
+        x8 = torch.randn(8, *shape, generator=gen)
+        q = quick_quantize(model, x8, w_bits, a_bits, input_a_bits=args.input_bits)
         with tempfile.TemporaryDirectory() as tmp:
             label = f"torchvision:{name}" if name == "resnet18" else name
             man = export_packed(
@@ -111,7 +118,12 @@ def main(argv=None) -> int:
                 tmp,
                 fp_model=model,
                 model_info={"name": label, "input_size": shape},
-                source={"w_bits": w_bits, "a_bits": a_bits, "method": "quick"},
+                source={
+                    "w_bits": w_bits,
+                    "a_bits": a_bits,
+                    "input_a_bits": args.input_bits,
+                    "method": "quick",
+                },
             )
             sizes = man["sizes"]
             print(

@@ -141,6 +141,7 @@ def build_quantized_skeleton(model: nn.Module, cfg: CalibConfig) -> fx.GraphModu
         cfg.first_layer_w_bits,
         cfg.last_layer_w_bits,
         cfg.head_input_a_bits,
+        input_a_bits=cfg.input_a_bits,
     )
     return build_quant_model(top, units, s)
 

@@ -46,6 +46,10 @@ class CalibConfig:
     first_layer_w_bits: int | None = 8
     last_layer_w_bits: int | None = 8
     head_input_a_bits: int | None = 8
+    # quantize the network input (the image) at this many bits before the first layer; None
+    # (the official setting) feeds the first layer the float image. With it, a deployed model
+    # is integer end to end (the packed stem is an integer conv instead of a float one).
+    input_a_bits: int | None = None
     # optimisation (spec §2.2, §2.3)
     round_weight: float = 0.01  # AdaRound lambda
     warmup: float = 0.2
@@ -81,7 +85,12 @@ class CalibConfig:
             raise QuantConfigError(f"unknown method {c.method!r}: choose one of {list(METHODS)}")
         check_bits(c.w_bits, "weight bit-width (--w-bits)")
         check_bits(c.a_bits, "activation bit-width (--a-bits)")
-        for name in ("first_layer_w_bits", "last_layer_w_bits", "head_input_a_bits"):
+        for name in (
+            "first_layer_w_bits",
+            "last_layer_w_bits",
+            "head_input_a_bits",
+            "input_a_bits",
+        ):
             v = getattr(c, name)
             if v is not None:
                 check_bits(v, name)

@@ -245,6 +245,7 @@ class Calibrator:
             cfg.first_layer_w_bits,
             cfg.last_layer_w_bits,
             cfg.head_input_a_bits,
+            input_a_bits=cfg.input_a_bits,
         )
         self.q = build_quant_model(self.fp, self.units, settings)
         self.q.requires_grad_(False)

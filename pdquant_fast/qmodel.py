@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import UnitSpec, act_module_for, is_add, is_bn, is_quant_layer, layer_chain
-from .quant import ActQuantizer, WeightQuantizer
+from .quant import ActQuantizer, QuantConfigError, WeightQuantizer
 
 
 def fold_bn(
@@ -131,6 +131,7 @@ class QuantSettings:
     first_layer_w_bits: int | None = 8  # None: same as w_bits
     last_layer_w_bits: int | None = 8
     head_input_a_bits: int | None = 8  # the activation quantizer feeding the classifier
+    input_a_bits: int | None = None  # a quantizer on the network input (None: float input)
 
 
 def _quantize_unit(unit_gm: fx.GraphModule, name: str, s: QuantSettings) -> fx.GraphModule:
@@ -232,7 +233,30 @@ def build_quant_model(
         layers[-1].wq.set_bits(s.last_layer_w_bits)
     if s.head_input_a_bits is not None and acts:
         acts[-1].set_bits(s.head_input_a_bits)
+    if s.input_a_bits is not None:
+        _add_input_quantizer(top, s.input_a_bits)
     return top
+
+
+def _add_input_quantizer(top: fx.GraphModule, bits: int) -> None:
+    """Put an activation quantizer named ``input`` on the network input, first thing in unit 0
+    (it is then initialised and learned with unit 0's other quantizers)."""
+    ph = next(n for n in top.graph.nodes if n.op == "placeholder")
+    users = list(ph.users)
+    if len(users) != 1 or users[0].op != "call_module" or users[0].target != "unit_0":
+        raise QuantConfigError(
+            "input quantization (input_a_bits) needs the network input to feed only the first "
+            f"reconstruction unit; here it feeds {[u.name for u in users]}"
+        )
+    u0 = top.get_submodule("unit_0")
+    u0.add_submodule("in_quant", OutQuant(bits, "input"))
+    uph = next(n for n in u0.graph.nodes if n.op == "placeholder")
+    with u0.graph.inserting_after(uph):
+        iq = u0.graph.call_module("in_quant", (uph,))
+    for u in list(uph.users):
+        if u is not iq:
+            u.replace_input_with(uph, iq)
+    u0.recompile()
 
 
 def _unit_output_is_network_output(top: fx.GraphModule, k: int) -> bool:

@@ -131,6 +131,13 @@ def test_cli_unsupported_activation_and_override_bits(tmp_path, few, capsys):
         "[2, 3, 4, 8]",
         out=tmp_path / "o",
     )
+    _cli_error(
+        _calib(tmp_path, "--set", "input_a_bits=6", data=few),
+        capsys,
+        "input_a_bits 6",
+        "[2, 3, 4, 8]",
+        out=tmp_path / "o",
+    )
 
 
 @pytest.mark.parametrize("iters", [-5, 0, 2.5])

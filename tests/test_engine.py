@@ -130,3 +130,44 @@ def test_pd_tail_with_folded_bn_is_the_same_function(resnet20, cifar):
             got = cal.fp_exec.run_from(folded, k, out_k)  # the tail takes unit k's output
             # fp32 re-association of conv*scale: a few ulp of the logit magnitude
             assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_input_quantizer_calibrates_and_deploys_as_an_integer_stem(resnet20, cifar, tmp_path):
+    """``input_a_bits=8``: an 8-bit quantizer named ``input`` on the image, first in unit 0,
+    initialised and learned with unit 0 (PD-Quant W4A4, 3 iterations, real CIFAR images); the
+    packed export then runs the stem as an integer ``layer_packed`` (in_act ``input``) with exact
+    accumulators against the simulation; the state round-trips through the skeleton."""
+    from pdquant_fast.deploy import export_packed, load_packed
+    from pdquant_fast.deploy.parity import compare
+    from pdquant_fast.qmodel import unit_act_quantizers
+
+    xc, xt, _ = cifar
+    kw = dict(method="pdquant", w_bits=4, a_bits=4, preset="resnet", iters=3, dc_iters=2)
+    q, _ = quantize(resnet20, xc[:64], input_a_bits=8, log=None, progress=False, **kw)
+    iq = unit_act_quantizers(q.get_submodule("unit_0"))[0]
+    assert iq.name == "input" and iq.bits == 8 and iq.enabled
+    assert torch.isfinite(iq.delta).all() and float(iq.delta) > 0
+    # the image really is quantized: the model differs from one without the input quantizer
+    x = xt[:32]
+    s = quant_state(q)
+    assert "unit_0.in_quant.aq" in s["acts"]
+    cfg = make_config("pdquant", preset="resnet", w_bits=4, a_bits=4, input_a_bits=8)
+    q2 = load_quant_state(build_quantized_skeleton(resnet20, cfg), copy.deepcopy(s))
+    assert torch.equal(q2(x), q(x))
+    iq.enabled = False
+    y_float_input = q(x)
+    iq.enabled = True
+    assert not torch.equal(y_float_input, q(x))
+    man = export_packed(
+        q,
+        tmp_path / "p",
+        fp_model=resnet20,
+        model_info={"name": "cifar_resnet20", "input_size": [3, 32, 32]},
+        source={"w_bits": 4, "a_bits": 4, "input_a_bits": 8, "method": "pdquant"},
+    )
+    stem = next(n for n in man["graph"] if n.get("layer") == "conv1")
+    assert stem["op"] == "layer_packed" and stem["in_act"] == "input"
+    assert man["graph"][1]["op"] == "quantize" and man["graph"][1]["act"] == "input"
+    pm = load_packed(tmp_path / "p")
+    rep = compare(q, pm, x[:16])
+    assert rep.acc_all_equal and rep.teacher_logits_equal

@@ -63,7 +63,6 @@ def _time_interleaved(
     return {k: _stats(v) for k, v in times.items()}
 
 
-
 def fp32_model(manifest: dict) -> nn.Module | None:
     """The FP32 network named in ``manifest["model"]["name"]``, or None if it cannot be built."""
     name = manifest.get("model", {}).get("name")
@@ -134,7 +133,10 @@ def bench_latency(
             q8, why = int8_ao_model(fp, torch.randn(8, *shape, generator=gen))
     rows: list[dict] = []
     name = m.get("model", {}).get("name", "?")
-    bits = f"W{m.get('source', {}).get('w_bits', '?')}A{m.get('source', {}).get('a_bits', '?')}"
+    src = m.get("source", {})
+    bits = f"W{src.get('w_bits', '?')}A{src.get('a_bits', '?')}"
+    if src.get("input_a_bits"):  # the image quantized too: an integer stem
+        bits += f"-in{src['input_a_bits']}"
     for b in batches:
         x = torch.randn(b, *shape, generator=gen).to(device)
         validated = None

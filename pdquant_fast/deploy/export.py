@@ -585,6 +585,7 @@ def _from_run_dir(run: Path) -> tuple[nn.Module, nn.Module, dict, dict]:
         "method": result.get("method", cfg.method),
         "w_bits": cfg.w_bits,
         "a_bits": cfg.a_bits,
+        "input_a_bits": cfg.input_a_bits,
         "config": result["config"],
     }
     return q, model, model_info, source

@@ -214,20 +214,24 @@ def compare(
 
 
 @torch.no_grad()
-def quick_quantize(model: nn.Module, x: torch.Tensor, w_bits: int, a_bits: int) -> nn.Module:
+def quick_quantize(
+    model: nn.Module, x: torch.Tensor, w_bits: int, a_bits: int, input_a_bits: int | None = None
+) -> nn.Module:
     """A fast stand-in calibration for parity tests and latency benchmarks (not for accuracy).
 
     Per-channel min/max weight ranges (round to nearest) instead of the L2.4 search, activation
     quantizers initialised by the library's own per-tensor search on one pass over ``x`` (float32
     ``[N, C, H, W]``); 8-bit first/last layers and classifier input as in a real run. Seconds
     instead of the minutes of ``method="rtn"`` on EfficientNet-Lite0's 8-bit classifier.
+    ``input_a_bits``: also quantize the network input (see ``CalibConfig.input_a_bits``).
     """
     from ..api import build_quantized_skeleton
     from ..config import make_config
     from ..qmodel import all_quant_layers
     from ..quant import ActQuantizer, calculate_qparams
 
-    q = build_quantized_skeleton(model, make_config("rtn", w_bits=w_bits, a_bits=a_bits))
+    cfg = make_config("rtn", w_bits=w_bits, a_bits=a_bits, input_a_bits=input_a_bits)
+    q = build_quantized_skeleton(model, cfg)
     for ql in all_quant_layers(q):
         w = ql.org_weight.reshape(ql.org_weight.shape[0], -1)
         d, z = calculate_qparams(w.amin(1), w.amax(1), ql.wq.bits)
