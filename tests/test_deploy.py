@@ -241,6 +241,18 @@ def test_opcheck_deployment_ops():
     torch.library.opcheck(
         ops.qlinear, (xl, 1, wl, torch.rand(5), torch.randn(5), 2, torch.randn(2, 5), 0.0, 0, 0)
     )
+    # residual as uint8 codes with their step and zero point
+    rq = torch.randint(0, 16, (2, 6, 3, 3), generator=g, dtype=torch.uint8)
+    torch.library.opcheck(
+        ops.qconv2d,
+        (x, 2, w, torch.rand(6), torch.randn(6), [2, 2], [1, 1], 2, 1, rq, 0.1, 1, 4, 0.05, 3),
+    )
+    rl = torch.randint(0, 16, (2, 5), generator=g, dtype=torch.uint8)
+    torch.library.opcheck(
+        ops.qlinear, (xl, 1, wl, torch.rand(5), torch.randn(5), 2, rl, 0.0, 0, 0, 0.05, 3)
+    )
+    torch.library.opcheck(ops.quantize_codes, (torch.randn(2, 4, 5, 5, generator=g), 0.1, 3, 4))
+    torch.library.opcheck(ops.max_pool2d_codes, (x, [3, 3], [2, 2], [1, 1]))
 
 
 # ------------------------------------------------------------------------- export / load
