@@ -776,6 +776,7 @@ def _op_cases() -> dict:
             ],
             ["x", None, "w", "scale", "bias", None, None, None, None, "residual", None, None, None],
         ),
+        "dequantize_codes": (ops.dequantize_codes, [xu, 0.1, 3], ["codes", None, None]),
         "max_pool2d_codes": (
             ops.max_pool2d_codes,
             [xu, [3, 3], [2, 2], [1, 1]],
@@ -908,8 +909,8 @@ def test_op_rejects_cuda_cpu_mix(name, i, arg):
         fn(*bad)
 
 
-#: ops that take any strides (quantize_codes keeps its input's memory format)
-_ANY_STRIDES = {"quantize_codes"}
+#: ops that take any strides (they keep their input's memory format)
+_ANY_STRIDES = {"quantize_codes", "dequantize_codes"}
 _NONCONTIG_CASES = [
     c for c in _ARG_CASES if OP_CASES[c[0]][1][c[1]].dim() > 0 and c[0] not in _ANY_STRIDES
 ]

@@ -253,6 +253,7 @@ def test_opcheck_deployment_ops():
     )
     torch.library.opcheck(ops.quantize_codes, (torch.randn(2, 4, 5, 5, generator=g), 0.1, 3, 4))
     torch.library.opcheck(ops.max_pool2d_codes, (x, [3, 3], [2, 2], [1, 1]))
+    torch.library.opcheck(ops.dequantize_codes, (x, 0.1, 3))
 
 
 # ------------------------------------------------------------------------- export / load

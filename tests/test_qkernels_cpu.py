@@ -544,3 +544,33 @@ def test_relu_before_a_zero_point_0_quantizer_changes_no_code():
     assert not torch.equal(
         ops.quantize_codes(torch.relu(x), 0.1, 3, 4), ops.quantize_codes(x, 0.1, 3, 4)
     )
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_dequantize_codes_bit_exact(isa):
+    """codes -> float32 equals the reference (and the runtime's former formula on 0-d float32
+    tensors) on ragged sizes, every code, channels_last and strided inputs; bad input raises."""
+    from pdquant_fast import ops
+    from pdquant_fast.ops.reference import dequantize_codes_reference
+
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(41)
+    for n in (1, 15, 16, 17, 64, 65, 256, 4099):
+        q = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+        for delta, zp in ((0.0731, 0), (0.25, 7), (1e-3, 255)):
+            ref = dequantize_codes_reference(q, delta, zp)
+            assert torch.equal(_C.dequantize_codes_cpu(q, delta, zp), ref), (n, delta, zp)
+    q = torch.randint(0, 16, (3, 17, 9, 7), generator=g, dtype=torch.uint8)
+    old = (q.to(torch.float32) - torch.tensor(5.0)) * torch.tensor(0.0731)
+    cl = q.contiguous(memory_format=torch.channels_last)
+    y = _C.dequantize_codes_cpu(cl, 0.0731, 5)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, old)
+    assert torch.equal(ops.dequantize_codes(q[:, ::2], 0.0731, 5), old[:, ::2])
+    with pytest.raises(ops.OpInputError, match="codes must be a uint8 tensor"):
+        ops.dequantize_codes(q.float(), 0.1, 0)
+    with pytest.raises(ops.OpInputError, match="zp must be an int in 0..255"):
+        ops.dequantize_codes(q, 0.1, 256)
+    with pytest.raises(ops.OpInputError, match="delta must be finite and > 0"):
+        ops.dequantize_codes(q, float("inf"), 0)
+    with pytest.raises(ValueError, match="zp must be a code 0..255"):
+        _C.dequantize_codes_cpu(q, 0.1, -1)

@@ -8,7 +8,8 @@
 // storage); other strided inputs are made contiguous first. NaN inputs give an unspecified code
 // (the reference's NaN-to-uint8 cast is itself unspecified).
 //
-// Entry point (pdquant_fast._C): quantize_codes_cpu(x, delta, zp, bits) -> uint8 tensor.
+// Entry points (pdquant_fast._C): quantize_codes_cpu(x, delta, zp, bits) -> uint8 tensor, and
+// its inverse dequantize_codes_cpu(codes, delta, zp) -> float32 (see below).
 // ISA: AVX-512 when the q-kernels' active ISA is avx512vnni (PDQUANT_CPU_ISA), else scalar
 // (the compiler may vectorise it; the math is the same element by element).
 #include <ATen/Parallel.h>
@@ -94,12 +95,59 @@ at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, 
   return q;
 }
 
+void dequantize_scalar(const uint8_t* q, float* y, int64_t n, float delta, float zp) {
+  for (int64_t i = 0; i < n; ++i) y[i] = (static_cast<float>(q[i]) - zp) * delta;
+}
+
+#ifdef PDQ_X86
+PDQ_VNNI void dequantize_avx512(const uint8_t* q, float* y, int64_t n, float delta, float zp) {
+  const __m512 vd = _mm512_set1_ps(delta), vz = _mm512_set1_ps(zp);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t r = std::min<int64_t>(16, n - i);
+    const __mmask16 k = r == 16 ? 0xFFFF : static_cast<__mmask16>((1u << r) - 1);
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, q + i)));
+    _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_sub_ps(f, vz), vd));
+  }
+}
+#endif
+
+// dequantize_codes_cpu: uint8 codes -> float32 (float(q) - zp) * delta (a subtraction and a
+// multiplication, each rounded: ActParams.dequantize bit for bit), x's shape and memory format.
+at::Tensor dequantize_codes_cpu(const at::Tensor& q_in, double delta, int64_t zp) {
+  check(q_in.scalar_type() == at::kByte && q_in.device().is_cpu(),
+        std::string("codes must be a uint8 CPU tensor, got ") +
+            std::string(c10::toString(q_in.scalar_type())) + " on " + q_in.device().str());
+  check(std::isfinite(delta) && delta > 0 && static_cast<float>(delta) > 0,
+        "delta must be finite and > 0 in float32, got " + std::to_string(delta));
+  check(0 <= zp && zp <= 255, "zp must be a code 0..255, got " + std::to_string(zp));
+  const at::Tensor q = q_in.is_non_overlapping_and_dense() ? q_in : q_in.contiguous();
+  at::Tensor y = at::empty_like(q, q.options().dtype(at::kFloat));
+  const int64_t n = q.numel();
+  if (n == 0) return y;
+  const float d = static_cast<float>(delta), z = static_cast<float>(zp);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const bool simd = active_isa() == Isa::kAvx512Vnni;
+  at::parallel_for(0, (n + 63) / 64, 2048, [&](int64_t b0, int64_t b1) {
+    const int64_t i0 = b0 * 64, i1 = std::min(n, b1 * 64);
+#ifdef PDQ_X86
+    if (simd) return dequantize_avx512(qp + i0, yp + i0, i1 - i0, d, z);
+#endif
+    dequantize_scalar(qp + i0, yp + i0, i1 - i0, d, z);
+  });
+  return y;
+}
+
 void register_quantize(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("quantize_codes_cpu", &quantize_codes_cpu, py::arg("x"), py::arg("delta"),
         py::arg("zp"), py::arg("bits"),
         "pdquant::quantize_codes on CPU: float32 -> uint8 clamp(round_half_even(x / delta) + zp, "
         "0, 2^bits - 1), x's shape and memory format");
+  m.def("dequantize_codes_cpu", &dequantize_codes_cpu, py::arg("codes"), py::arg("delta"),
+        py::arg("zp"),
+        "pdquant::dequantize_codes on CPU: uint8 -> float32 (float(q) - zp) * delta, the codes' "
+        "shape and memory format");
 }
 
 }  // namespace

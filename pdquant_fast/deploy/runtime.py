@@ -11,7 +11,8 @@ op              meaning
 input           the float32 image batch ``[N, C, H, W]``
 quantize        codes = clamp(round_half_even(x / delta) + zp, 0, 2^bits - 1)  (float -> uint8,
                 ``ops.quantize_codes``)
-dequantize      x = (float32(codes) - zp) * delta                              (uint8 -> float)
+dequantize      x = (float32(codes) - zp) * delta                              (uint8 -> float,
+                ``ops.dequantize_codes``)
 layer_packed    ``ops.qconv2d`` / ``ops.qlinear`` on codes of ``in_act``: exact int32
                 accumulation, then y = float(acc) * (in_delta * w_delta[o]) + bias[o]
                 (+ ``residual``: float32, or, when the residual node is a ``dequantize``,
@@ -168,8 +169,9 @@ class ActParams(nn.Module):
         return ops.quantize_codes(x, self.delta_value, self.zp_int, self.bits)
 
     def dequantize(self, c: torch.Tensor) -> torch.Tensor:
-        """uint8 codes -> float32 ``(c - zp) * delta`` (bit-identical to the simulation)."""
-        return (c.to(torch.float32) - self.zp) * self.delta
+        """uint8 codes -> float32 ``(c - zp) * delta`` (bit-identical to the simulation;
+        ``ops.dequantize_codes``: one fused pass where a kernel backend has it)."""
+        return ops.dequantize_codes(c, self.delta_value, self.zp_int)
 
 
 def _accepts(fn, name: str) -> bool:

@@ -376,6 +376,7 @@ backends.register_op("qconv2d", None)
 backends.register_op("qlinear", None)
 backends.register_op("quantize_codes", None)
 backends.register_op("max_pool2d_codes", None)
+backends.register_op("dequantize_codes", None)
 
 
 def _check_pack_bits(bits: int) -> None:
@@ -455,6 +456,30 @@ def quantize_codes(x: Tensor, delta: float, zp: int, bits: int) -> Tensor:
 @quantize_codes.register_fake
 def _(x, delta, zp, bits):
     return torch.empty_like(x, dtype=torch.uint8)
+
+
+@torch.library.custom_op("pdquant::dequantize_codes", mutates_args=())
+def dequantize_codes(codes: Tensor, delta: float, zp: int) -> Tensor:
+    """uint8 activation codes -> float32 ``(float32(code) - zp) * delta`` (a subtraction and a
+    multiplication, each rounded: the simulation's dequantization bit for bit). Output: the codes'
+    shape and memory format; any strides are accepted. See
+    :func:`~.reference.dequantize_codes_reference`."""
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+        got = codes.dtype if isinstance(codes, Tensor) else type(codes).__name__
+        raise OpInputError(f"codes must be a uint8 tensor, got {got}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+        raise OpInputError(f"delta must be a float, got {type(delta).__name__}")
+    d32 = float(torch.tensor(float(delta), dtype=torch.float32))
+    if not (0.0 < d32 < float("inf")):
+        raise OpInputError(f"delta must be finite and > 0 in float32, got {delta!r}")
+    if isinstance(zp, bool) or not isinstance(zp, int) or not 0 <= zp <= 255:
+        raise OpInputError(f"zp must be an int in 0..255, got {zp!r}")
+    return _run("dequantize_codes", codes.device, None)(codes, float(delta), zp)
+
+
+@dequantize_codes.register_fake
+def _(codes, delta, zp):
+    return torch.empty_like(codes, dtype=torch.float32)
 
 
 @torch.library.custom_op("pdquant::max_pool2d_codes", mutates_args=())

@@ -331,14 +331,20 @@ def max_pool2d_codes_reference(x: torch.Tensor, kernel_size, stride, padding) ->
     return y.to(torch.uint8)
 
 
+def dequantize_codes_reference(codes: torch.Tensor, delta: float, zp: int) -> torch.Tensor:
+    """``(float32(code) - zp) * delta`` in float32 (a subtraction, exact for small integers, and
+    one rounded multiplication: the packed runtime's and the simulation's dequantization)."""
+    z = torch.tensor(float(zp), dtype=torch.float32, device=codes.device)
+    d = torch.tensor(float(delta), dtype=torch.float32, device=codes.device)
+    return (codes.to(torch.float32) - z) * d
+
+
 def dequantize_residual(residual: torch.Tensor, res_scale: float, res_zp: int) -> torch.Tensor:
     """A float32 residual as it is; uint8 codes as ``(float32(code) - res_zp) * res_scale``
-    (float32, one rounding: the packed runtime's and the simulation's dequantization)."""
+    (:func:`dequantize_codes_reference`)."""
     if residual.dtype != torch.uint8:
         return residual
-    zp = torch.tensor(float(res_zp), dtype=torch.float32, device=residual.device)
-    s = torch.tensor(float(res_scale), dtype=torch.float32, device=residual.device)
-    return (residual.to(torch.float32) - zp) * s
+    return dequantize_codes_reference(residual, res_scale, res_zp)
 
 
 def requant_reference(
