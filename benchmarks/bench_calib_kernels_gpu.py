@@ -67,6 +67,9 @@ COLUMNS = [
     "case",
     "shape",
     "candidate",
+    "kind",
+    "bits",
+    "per_channel",
     "ms",
     "p10_ms",
     "p90_ms",
@@ -323,7 +326,16 @@ def run_case(case: Case, device: str, with_compile: bool, peak: float | None) ->
     rows: list[dict] = []
     timings: dict[str, Timing] = {}
     for name, backend, factory, check in candidates(case, inp, device, with_compile):
-        row = {"case": case.name, "shape": "x".join(map(str, case.shape)), "candidate": name}
+        row = {
+            "case": case.name,
+            "shape": "x".join(map(str, case.shape)),
+            "candidate": name,
+            # the case's settings, as the CPU suite records them (report tables read them)
+            "kind": case.kind,
+            "bits": case.bits,
+            "per_channel": case.per_channel,
+            "keep_prob": case.keep_prob,
+        }
         rows.append(row)
         why = _unavailable(case, name, backend, device)
         if why is not None:

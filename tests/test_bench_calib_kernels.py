@@ -88,6 +88,10 @@ def test_quick_cpu_run(tmp_path):
         assert tri["GB/s"] == pytest.approx(nbytes / (tri["ms"] / 1e3) / 1e9)
         assert tri["speedup"] == pytest.approx(base["ms"] / tri["ms"])
         assert {"device", "torch", "git_sha"} <= set(tri)
+        # the case's settings travel with every row (the README tables show them)
+        assert tri["kind"] == "fq" and tri["bits"] == 4
+        assert tri["per_channel"] == (case == "fq_channel_weight")
+        assert tri["keep_prob"] == (0.5 if case == "fq_tensor_resnet18_l1" else 1.0)
 
 
 def test_failing_candidate_becomes_a_row(tmp_path, monkeypatch):
