@@ -1184,11 +1184,19 @@ def _layer_rows(shape: str | None, row: dict) -> int | None:
 # --- whole calibration and one reconstruction step (bench_calibration.py, bench_calib_step.py)
 
 
+def _command_settings(cmd: str) -> str:
+    """A benchmark command without its ``--out DIR`` (where the rows were written does not
+    change what was measured: a rerun elsewhere supersedes the older run)."""
+    return re.sub(r"\s--out(?:=|\s+)\S+", "", cmd).strip()
+
+
 def run_groups(rows: list[dict]) -> list[list[dict]]:
-    """The newest run per (suite, device and threads, command), each as its rows in order."""
+    """The newest run per (suite, device and threads, command without ``--out``), each as its
+    rows in order."""
 
     def key(r):
-        return (str(r.get("_file", "")), device_label(r), str(r.get("command", "")))
+        cmd = _command_settings(str(r.get("command", "")))
+        return (str(r.get("_file", "")), device_label(r), cmd)
 
     rows = latest_run_rows(rows, key)
     groups: dict[tuple, list[dict]] = {}

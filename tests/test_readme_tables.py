@@ -520,3 +520,31 @@ def test_generator_builds_every_speed_block_from_synthetic_rows(tmp_path):
     (tmp_path / "README.md").write_text(text.replace("<!-- END GENERATED: deploy_gpu -->", ""))
     with pytest.raises(SystemExit, match="END GENERATED: deploy_gpu"):
         mod["generate"](tmp_path, tmp_path / "img")
+
+
+def test_a_rerun_with_another_out_folder_supersedes_the_older_run():
+    """Calibration-speed runs: the same command with a different ``--out`` is the same
+    measurement, so only the newest run is shown; different settings stay separate."""
+    base = {"_file": "calib_step", "device": "cpu0", "variant": "fused", "ms_per_iter": 1.0}
+    rows = [
+        {
+            **base,
+            "command": "python b.py --iters 15 --out /tmp/a",
+            "timestamp": "2026-01-01T01:00:00+00:00",
+            "git_sha": "a",
+        },
+        {
+            **base,
+            "command": "python b.py --iters 15",
+            "timestamp": "2026-01-01T02:00:00+00:00",
+            "git_sha": "b",
+        },
+        {
+            **base,
+            "command": "python b.py --iters 30",
+            "timestamp": "2026-01-01T00:00:00+00:00",
+            "git_sha": "c",
+        },
+    ]
+    groups = report.run_groups(rows)
+    assert sorted(g[0]["git_sha"] for g in groups) == ["b", "c"]
