@@ -548,31 +548,14 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
                const std::optional<at::Tensor>& residual, double out_scale, int64_t out_zp,
                int64_t out_bits, double res_scale, int64_t res_zp) {
   check(x_in.dim() == 4, "x must be 4-d [N, C, H, W] uint8 codes, got " + shape_str(x_in));
-  check(x_in.scalar_type() == at::kByte, std::string("x must be uint8 activation codes, got ") +
-                                             std::string(c10::toString(x_in.scalar_type())));
-  check(x_in.device().is_cpu(), "x must be a CPU tensor");
+  check_codes_input(x_in, "qconv2d");
   check(groups == pk.groups, "groups = " + std::to_string(groups) +
                                  " but the weights were prepacked for groups = " +
                                  std::to_string(pk.groups));
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   check(C == pk.Cg * groups, "x has C = " + std::to_string(C) + " channels but w expects " +
                                  std::to_string(pk.Cg) + " x groups " + std::to_string(groups));
-  check(0 <= x_zp && x_zp <= 255, "x_zp must be a uint8 code 0..255, got " + std::to_string(x_zp));
-  check(act >= 0 && act <= 2, "act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got " +
-                                  std::to_string(act));
-  check(out_bits == 0 || (out_bits >= 2 && out_bits <= 8),
-        "out_bits must be 0 (float32 output) or 2..8 (uint8 codes), got " +
-            std::to_string(out_bits));
-  if (out_bits > 0)
-    check(std::isfinite(out_scale) && out_scale > 0,
-          "out_scale must be finite and > 0 for code output, got " + std::to_string(out_scale));
-  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&bias, "bias"}}) {
-    check(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == pk.O &&
-              t->is_contiguous() && t->device().is_cpu(),
-          std::string(name) + " must be a contiguous float32 CPU tensor [O = " +
-              std::to_string(pk.O) + "], got " + c10::toString(t->scalar_type()) + " " +
-              shape_str(*t));
-  }
+  check_requant_args(x_zp, act, out_scale, out_bits, scale, bias, pk.O, "qconv2d");
   const auto stride = pair_arg(stride_in, "stride");
   const auto padding = pair_arg(padding_in, "padding");
   const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];
@@ -594,16 +577,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   if (N == 0 || P == 0) return out;
 
   const Isa isa = active_isa();
-  e.x_zp = static_cast<int32_t>(x_zp);
-  e.sumw = pk.sumw.data_ptr<int32_t>();
-  e.scale = scale.data_ptr<float>();
-  e.bias = bias.data_ptr<float>();
-  e.act = static_cast<int>(act);
-  e.out_scale = static_cast<float>(out_scale);
-  e.out_zp = static_cast<float>(out_zp);
-  e.out_bits = static_cast<int>(out_bits);
-  e.qmax = out_bits ? static_cast<float>((1 << out_bits) - 1) : 0.f;
-  e.out = out.data_ptr();
+  set_requant(e, x_zp, pk.sumw, scale, bias, act, out_scale, out_zp, out_bits, out);
 
   // Output addressing of a tile: (row r = pixel p0 + r, channel o0 + j).
   auto dst = [&](int64_t n, int64_t p0, int64_t o0, int rows, int cols) {

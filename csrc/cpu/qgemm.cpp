@@ -46,6 +46,53 @@ std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
+void check_codes_input(const at::Tensor& x, const char* op) {
+  if (x.scalar_type() != at::kByte)
+    throw std::invalid_argument(std::string(op) + ": x must be uint8 activation codes, got " +
+                                std::string(c10::toString(x.scalar_type())));
+  if (!x.device().is_cpu())
+    throw std::invalid_argument(std::string(op) + ": x must be a CPU tensor");
+}
+
+void check_requant_args(int64_t x_zp, int64_t act, double out_scale, int64_t out_bits,
+                        const at::Tensor& scale, const at::Tensor& bias, int64_t O,
+                        const char* op) {
+  auto check = [op](bool ok, const std::string& msg) {
+    if (!ok) throw std::invalid_argument(std::string(op) + ": " + msg);
+  };
+  check(0 <= x_zp && x_zp <= 255, "x_zp must be a uint8 code 0..255, got " + std::to_string(x_zp));
+  check(act >= 0 && act <= 2, "act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got " +
+                                  std::to_string(act));
+  check(out_bits == 0 || (out_bits >= 2 && out_bits <= 8),
+        "out_bits must be 0 (float32 output) or 2..8 (uint8 codes), got " +
+            std::to_string(out_bits));
+  if (out_bits > 0)
+    check(std::isfinite(out_scale) && out_scale > 0,
+          "out_scale must be finite and > 0 for code output, got " + std::to_string(out_scale));
+  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&bias, "bias"}}) {
+    check(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == O &&
+              t->is_contiguous() && t->device().is_cpu(),
+          std::string(name) + " must be a contiguous float32 CPU tensor [O = " +
+              std::to_string(O) + "], got " + c10::toString(t->scalar_type()) + " " +
+              shape_str(*t));
+  }
+}
+
+void set_requant(Epilogue& e, int64_t x_zp, const at::Tensor& sumw, const at::Tensor& scale,
+                 const at::Tensor& bias, int64_t act, double out_scale, int64_t out_zp,
+                 int64_t out_bits, const at::Tensor& out) {
+  e.x_zp = static_cast<int32_t>(x_zp);
+  e.sumw = sumw.data_ptr<int32_t>();
+  e.scale = scale.data_ptr<float>();
+  e.bias = bias.data_ptr<float>();
+  e.act = static_cast<int>(act);
+  e.out_scale = static_cast<float>(out_scale);
+  e.out_zp = static_cast<float>(out_zp);
+  e.out_bits = static_cast<int>(out_bits);
+  e.qmax = out_bits ? static_cast<float>((1 << out_bits) - 1) : 0.f;
+  e.out = out.data_ptr();
+}
+
 void bind_residual(Epilogue& e, const std::optional<at::Tensor>& residual, const at::Tensor& out,
                    at::MemoryFormat fmt, double res_scale, int64_t res_zp, at::Tensor* keep,
                    const char* op) {

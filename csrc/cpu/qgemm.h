@@ -129,6 +129,17 @@ void epilogue(Isa isa, const Epilogue& e, const int32_t* c, int64_t ldc, const T
 // "[d0, d1, ...]" for error messages.
 std::string shape_str(const at::Tensor& t);
 
+// The argument checks qconv2d and qlinear share (errors: std::invalid_argument prefixed with
+// `op`): x uint8 on the CPU; then x_zp, act, out_bits, out_scale, and scale/bias float32 [O].
+void check_codes_input(const at::Tensor& x, const char* op);
+void check_requant_args(int64_t x_zp, int64_t act, double out_scale, int64_t out_bits,
+                        const at::Tensor& scale, const at::Tensor& bias, int64_t O,
+                        const char* op);
+// Fills the requantisation fields of e shared by qconv2d and qlinear (not off/sx/residual).
+void set_requant(Epilogue& e, int64_t x_zp, const at::Tensor& sumw, const at::Tensor& scale,
+                 const at::Tensor& bias, int64_t act, double out_scale, int64_t out_zp,
+                 int64_t out_bits, const at::Tensor& out);
+
 // Checks the optional residual of qconv2d/qlinear against `out` (float32 values, or uint8 codes
 // with res_scale finite > 0 and res_zp in 0..255; CPU; out's shape), keeps it `fmt`-contiguous
 // in *keep and points e.residual / e.residual_q (+ res_scale, res_zp) at it. Errors throw

@@ -67,6 +67,19 @@ void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("qlinear: " + msg);
 }
 
+// Fills sb_block0 / sb_off for superblocks holding `rows` 64-byte rows per 16-channel block;
+// returns the panel's size in bytes.
+int64_t place_superblocks(PackedLinear& pk, int64_t rows) {
+  int64_t off = 0, b0 = 0;
+  for (int s : pk.sb) {
+    pk.sb_block0.push_back(b0);
+    pk.sb_off.push_back(off);
+    off += rows * 64 * s;
+    b0 += s;
+  }
+  return off;
+}
+
 std::shared_ptr<PackedLinear> prepack(const at::Tensor& w_in, int64_t w_bits) {
   check(w_in.dim() == 2, "w must be 2-d [O, K], got " + shape_str(w_in));
   check(w_in.scalar_type() == at::kChar || w_in.scalar_type() == at::kShort,
@@ -123,14 +136,7 @@ std::shared_ptr<PackedLinear> prepack(const at::Tensor& w_in, int64_t w_bits) {
     pk->kgroups = round_up((K + 3) / 4, per);
     pk->kp = pk->kgroups * 4;
     pk->off = (-lo).contiguous();
-    int64_t off = 0, b0 = 0;
-    for (int s : pk->sb) {
-      pk->sb_block0.push_back(b0);
-      pk->sb_off.push_back(off);
-      off += pk->kgroups / per * 64 * s;
-      b0 += s;
-    }
-    pk->panel = at::zeros({off}, at::kByte);
+    pk->panel = at::zeros({place_superblocks(*pk, pk->kgroups / per)}, at::kByte);
     uint8_t* panel = pk->panel.data_ptr<uint8_t>();
     for (size_t s = 0; s < pk->sb.size(); ++s) {
       const int jb = pk->sb[s];
@@ -153,14 +159,7 @@ std::shared_ptr<PackedLinear> prepack(const at::Tensor& w_in, int64_t w_bits) {
   const int64_t per = pk->mode == KMode::kU8S8 ? 4 : 2;
   pk->kp = round_up(K, per);
   pk->kgroups = pk->kp / per;
-  int64_t off = 0, b0 = 0;
-  for (int s : pk->sb) {
-    pk->sb_block0.push_back(b0);
-    pk->sb_off.push_back(off);
-    off += pk->kgroups * 64 * s;
-    b0 += s;
-  }
-  pk->panel = at::zeros({off}, at::kByte);
+  pk->panel = at::zeros({place_superblocks(*pk, pk->kgroups)}, at::kByte);
   uint8_t* panel = pk->panel.data_ptr<uint8_t>();
   for (size_t s = 0; s < pk->sb.size(); ++s) {
     const int jb = pk->sb[s];
@@ -189,28 +188,11 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
                const std::optional<at::Tensor>& residual, double out_scale, int64_t out_zp,
                int64_t out_bits, double res_scale, int64_t res_zp) {
   check(x_in.dim() == 2, "x must be 2-d [N, K] uint8 codes, got " + shape_str(x_in));
-  check(x_in.scalar_type() == at::kByte, std::string("x must be uint8 activation codes, got ") +
-                                             std::string(c10::toString(x_in.scalar_type())));
-  check(x_in.device().is_cpu(), "x must be a CPU tensor");
+  check_codes_input(x_in, "qlinear");
   check(x_in.size(1) == pk.K, "x has K = " + std::to_string(x_in.size(1)) + " but w has K = " +
                                   std::to_string(pk.K));
-  check(0 <= x_zp && x_zp <= 255, "x_zp must be a uint8 code 0..255, got " + std::to_string(x_zp));
-  check(act >= 0 && act <= 2, "act must be 0 (none), 1 (ReLU) or 2 (ReLU6), got " +
-                                  std::to_string(act));
-  check(out_bits == 0 || (out_bits >= 2 && out_bits <= 8),
-        "out_bits must be 0 (float32 output) or 2..8 (uint8 codes), got " +
-            std::to_string(out_bits));
-  if (out_bits > 0)
-    check(std::isfinite(out_scale) && out_scale > 0,
-          "out_scale must be finite and > 0 for code output, got " + std::to_string(out_scale));
   const int64_t O = pk.O, K = pk.K;
-  for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&bias, "bias"}}) {
-    check(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == O &&
-              t->is_contiguous() && t->device().is_cpu(),
-          std::string(name) + " must be a contiguous float32 CPU tensor [O = " +
-              std::to_string(O) + "], got " + c10::toString(t->scalar_type()) + " " +
-              shape_str(*t));
-  }
+  check_requant_args(x_zp, act, out_scale, out_bits, scale, bias, O, "qlinear");
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0);
   at::Tensor out = at::empty({N, O}, x.options().dtype(out_bits ? at::kByte : at::kFloat));
@@ -255,18 +237,9 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
       }
     });
   }
-  e.x_zp = static_cast<int32_t>(x_zp);
-  e.sumw = pk.sumw.data_ptr<int32_t>();
+  set_requant(e, x_zp, pk.sumw, scale, bias, act, out_scale, out_zp, out_bits, out);
   e.off = sub ? pk.off.data_ptr<int32_t>() : nullptr;
   e.sx = sub ? sx_t.data_ptr<int32_t>() : nullptr;
-  e.scale = scale.data_ptr<float>();
-  e.bias = bias.data_ptr<float>();
-  e.act = static_cast<int>(act);
-  e.out_scale = static_cast<float>(out_scale);
-  e.out_zp = static_cast<float>(out_zp);
-  e.out_bits = static_cast<int>(out_bits);
-  e.qmax = out_bits ? static_cast<float>((1 << out_bits) - 1) : 0.f;
-  e.out = out.data_ptr();
 
   const int64_t nsb = static_cast<int64_t>(pk.sb.size());
   const int64_t ntiles = (N + kTileRows - 1) / kTileRows;
