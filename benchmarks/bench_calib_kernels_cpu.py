@@ -73,7 +73,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.calib_steps import fq_op_step, ste_adaround  # noqa: E402
+from benchmarks.calib_steps import fq_learnable_step, fq_op_step, ste_adaround  # noqa: E402
 from benchmarks.common import Timing, cpu_copy_bandwidth, measure, ratio, record  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.ops import reference as R  # noqa: E402
@@ -208,26 +208,6 @@ def fq_ste_step(case: Case, inp: dict, compiled: bool) -> Callable:
         y = fn(x, _bview(d_param, nd, case.axis), zp, n, inp["mask"])
         gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
         return y, gx, gd
-
-    return step
-
-
-def fq_learnable_step(case: Case, inp: dict) -> Callable:
-    """torch's learnable fake-quant (LSQ/TQT-style): no QDrop, also grads the zero point."""
-    n = 2**case.bits - 1
-    scale = inp["delta"].clone().reshape(-1).requires_grad_()
-    zp = inp["zp"].clone().reshape(-1).requires_grad_()
-
-    def step():
-        x = inp["x"].detach().requires_grad_()
-        if case.per_channel:
-            y = torch._fake_quantize_learnable_per_channel_affine(
-                x, scale, zp, case.axis, 0, n, 1.0
-            )
-        else:
-            y = torch._fake_quantize_learnable_per_tensor_affine(x, scale, zp, 0, n, 1.0)
-        gx, gs = torch.autograd.grad(y, (x, scale), inp["grad"])
-        return y, gx, gs.reshape(inp["delta"].shape)
 
     return step
 

@@ -55,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.calib_steps import fq_op_step, ste_adaround  # noqa: E402
+from benchmarks.calib_steps import fq_learnable_step, fq_op_step, ste_adaround  # noqa: E402
 from benchmarks.common import Timing, gpu_hbm_peak, measure, record  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.ops import backends  # noqa: E402
@@ -186,25 +186,6 @@ def fq_ste_step(case: Case, inp: dict, compiled: bool) -> Callable:
         y = fn(x, _bview(d_param, case), zp, n, case.keep_prob)
         gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
         return y, gx, gd
-
-    return step
-
-
-def fq_learnable_step(case: Case, inp: dict) -> Callable:
-    n = 2**case.bits - 1
-    scale = inp["delta"].clone().reshape(-1).requires_grad_()
-    zp = inp["zp"].clone().reshape(-1).requires_grad_()
-
-    def step():
-        x = inp["x"].detach().requires_grad_()
-        if case.per_channel:
-            y = torch._fake_quantize_learnable_per_channel_affine(
-                x, scale, zp, case.axis % x.dim(), 0, n, 1.0
-            )
-        else:
-            y = torch._fake_quantize_learnable_per_tensor_affine(x, scale, zp, 0, n, 1.0)
-        gx, gs = torch.autograd.grad(y, (x, scale), inp["grad"])
-        return y, gx, gs
 
     return step
 

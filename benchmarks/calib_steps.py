@@ -4,7 +4,9 @@
   eager / ``torch.compile`` baseline);
 * :func:`fq_op_step`: one forward + backward through the public ``pdquant::fake_quant_act`` op
   (whichever backend is forced when it runs). ``case`` needs ``bits``, ``axis`` and
-  ``keep_prob``; ``inp`` holds ``x``, ``delta``, ``zp``, ``seed`` and the upstream ``grad``.
+  ``keep_prob``; ``inp`` holds ``x``, ``delta``, ``zp``, ``seed`` and the upstream ``grad``;
+* :func:`fq_learnable_step`: the same through PyTorch's learnable fake-quant op (the baseline;
+  ``case`` also needs ``per_channel``).
 """
 
 from __future__ import annotations
@@ -35,5 +37,25 @@ def fq_op_step(case, inp: dict) -> Callable:
         )
         gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
         return y, gx, gd
+
+    return step
+
+
+def fq_learnable_step(case, inp: dict) -> Callable:
+    """torch's learnable fake-quant (LSQ/TQT-style): no QDrop, also grads the zero point."""
+    n = 2**case.bits - 1
+    scale = inp["delta"].clone().reshape(-1).requires_grad_()
+    zp = inp["zp"].clone().reshape(-1).requires_grad_()
+
+    def step():
+        x = inp["x"].detach().requires_grad_()
+        if case.per_channel:
+            y = torch._fake_quantize_learnable_per_channel_affine(
+                x, scale, zp, case.axis % x.dim(), 0, n, 1.0
+            )
+        else:
+            y = torch._fake_quantize_learnable_per_tensor_affine(x, scale, zp, 0, n, 1.0)
+        gx, gs = torch.autograd.grad(y, (x, scale), inp["grad"])
+        return y, gx, gs.reshape(inp["delta"].shape)
 
     return step
