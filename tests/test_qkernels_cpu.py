@@ -159,6 +159,44 @@ def test_qconv2d_accumulator_extremes(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_qconv2d_shifted_int8_weights(isa):
+    """8-bit weight offsets (int16, per-channel span <= 256 values, one group) are shifted into
+    int8 at prepack and corrected in the epilogue: exact at the extremes (codes 255 and x_zp
+    255/0, offsets all at one end of [-255, 255], padding and strides, the 7x7/2 stem shape);
+    a channel spanning more, or groups > 1, keeps the int16 kernels."""
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(11)
+    c, o = 40, 48
+    w = torch.empty((o, c, 3, 3), dtype=torch.int16)
+    w[0::3] = 255  # code 255, zp 0
+    w[1::3] = -255  # code 0, zp 255
+    w[2::3] = torch.randint(-100, 156, (o // 3, c, 3, 3), generator=g).to(torch.int16)
+    packed = _C.qconv2d_prepack_cpu(w, 1)
+    assert packed.shifted and not packed.int16, repr(packed)
+    ones, zeros = torch.ones(o), torch.zeros(o)
+    for x_fill, x_zp, stride, pad in ((255, 0, 1, 1), (255, 255, 2, 2), (0, 255, 1, 0)):
+        x = torch.full((2, c, 6, 7), x_fill, dtype=torch.uint8)
+        x[1] = torch.randint(0, 256, (c, 6, 7), generator=g, dtype=torch.uint8)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            args = (x_zp, w, ones, zeros, [stride] * 2, [pad] * 2, 1, 0, None, 0.0, 0, 0)
+            acc = qconv2d_acc_reference(x, x_zp, w, [stride] * 2, [pad] * 2, 1)
+            assert torch.equal(_C.qconv2d_cpu(xin, *args), acc.to(torch.float32))
+            assert torch.equal(_C.qconv2d_cpu(xin, x_zp, packed, *args[2:]), acc.to(torch.float32))
+    # the stem: 3 channels, 7x7 stride 2, padding 3, per-channel zero points, codes out
+    x = torch.randint(0, 256, (2, 3, 23, 21), generator=g, dtype=torch.uint8)
+    w = _weights(g, (64, 3, 7, 7), 8)
+    assert _C.qconv2d_prepack_cpu(w, 1).shifted
+    scale, bias = torch.rand(64, generator=g) * 1e-4, torch.randn(64, generator=g)
+    args = (7, w, scale, bias, [2, 2], [3, 3], 1, 1, None, 0.05, 3, 8)
+    assert torch.equal(_C.qconv2d_cpu(x, *args), qconv2d_reference(x, *args))
+    # not shiftable: one channel spans 257 values; or more than one group
+    w = _weights(g, (16, 8, 3, 3), 8)
+    w[5, 0, 0, 0], w[5, 0, 0, 1] = -128, 128
+    assert _C.qconv2d_prepack_cpu(w, 1).int16 and not _C.qconv2d_prepack_cpu(w, 1).shifted
+    assert _C.qconv2d_prepack_cpu(_weights(g, (16, 4, 3, 3), 8), 2).int16
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_qconv2d_rounding_ties_and_clamps(isa):
     """y exactly on .5 (half to even), codes below 0 and above 2^b - 1 (clamped)."""
     _C.qkernels_set_isa_cpu(isa)

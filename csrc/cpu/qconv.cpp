@@ -33,6 +33,10 @@
 //   * depthwise (groups == C == O): NCHW x with VBMI: planar kernel (one vpermb + vpdpbusd per
 //     kernel row and 4 taps for 16 outputs); otherwise vectors along 16 channels of an NHWC
 //     copy, tap pairs with vpdpwssd (AVX2/scalar: int32 multiply-add per tap).
+//   * 8-bit weights (offsets beyond int8) whose per-channel range spans <= 256 values, one
+//     group: shifted into int8 at prepack (w - s[o]), the u8 x s8 NHWC GEMM runs, and the
+//     epilogue adds s[o] * (receptive-field sum of x - x_zp * K) back through its off/sx terms
+//     (exact); other int16 weights run the int16 kernels (vpdpwssd), about 2x slower.
 //   * every epilogue requantises in registers, the contract's formula op for op (qgemm.h).
 // Reads x once (plus one re-laid copy), the weights once per tile (from L1/L2), writes the
 // output once (float32: 4 bytes, codes: 1 byte per element).
@@ -65,7 +69,12 @@ struct PackedConv {
   int64_t group_bytes = 0;
   int32_t max_abs_w = 0;
   at::Tensor panel;  // int8 bytes: [groups][superblock panels]
-  at::Tensor sumw;   // int32 [O]: sum of w over C/groups x KH x KW
+  at::Tensor sumw;   // int32 [O]: sum of w over C/groups x KH x KW (of the shifted w, below)
+  // Shifted int8 mode (one group, weights beyond int8 whose per-channel range fits 255 values:
+  // 8-bit weights, offsets w_code - w_zp in [-zp, 255 - zp]): the panel holds w - s[o] in
+  // [-128, 127] and the epilogue adds s[o] * (sum of the receptive field's x - x_zp * K) back
+  // through its off/sx terms (off = -s). The u8 x s8 kernels then run instead of the int16 ones.
+  at::Tensor off;  // int32 [O] = -s[o], or undefined
   at::Tensor dw;     // depthwise: int32 [KH*KW][round_up(C, 16)]
   at::Tensor dw2;    // depthwise: int16 pairs (w[2i][c], w[2i+1][c]) [ceil(KH*KW/2)][...] as int32
   at::Tensor dwq;    // depthwise, planar path: int8 quads (w[kh][4g..4g+3][c], 0 past KW) as
@@ -76,7 +85,8 @@ struct PackedConv {
   int64_t nbytes() const {
     return (panel.defined() ? panel.nbytes() : 0) + (dw.defined() ? dw.nbytes() : 0) +
            (dw2.defined() ? dw2.nbytes() : 0) + (dwq.defined() ? dwq.nbytes() : 0) +
-           (wn.defined() ? wn.nbytes() : 0) + sumw.nbytes();
+           (wn.defined() ? wn.nbytes() : 0) + (off.defined() ? off.nbytes() : 0) +
+           sumw.nbytes();
   }
 };
 
@@ -92,7 +102,7 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
             std::string(c10::toString(w_in.scalar_type())));
   check(w_in.device().is_cpu(), "w must be a CPU tensor");
   check(groups >= 1, "groups must be >= 1, got " + std::to_string(groups));
-  const at::Tensor w = w_in.to(at::kInt).contiguous();
+  at::Tensor w = w_in.to(at::kInt).contiguous();
   auto pk = std::make_shared<PackedConv>();
   pk->O = w.size(0);
   pk->Cg = w.size(1);
@@ -148,7 +158,41 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
     }
     return pk;
   }
-  pk->mode = fits_int8 ? KMode::kU8S8 : KMode::kS16;
+  if (!fits_int8 && groups == 1) {
+    // Shifted int8 mode when every channel's offsets span <= 256 values: s = ceil((lo + hi) / 2)
+    // puts them in [-128, 127] (hi - s <= 127 and lo - s >= -128 follow from hi - lo <= 255).
+    std::vector<int32_t> shift(pk->O);
+    bool ok = true;
+    for (int64_t o = 0; o < pk->O && ok; ++o) {
+      int32_t clo = wp[o * K], chi = wp[o * K];
+      for (int64_t k = 1; k < K; ++k) {
+        clo = std::min(clo, wp[o * K + k]);
+        chi = std::max(chi, wp[o * K + k]);
+      }
+      ok = chi - clo <= 255;
+      shift[o] = (clo + chi + 1) >> 1;
+    }
+    if (ok) {
+      w = w.clone();
+      int32_t* ww = w.data_ptr<int32_t>();
+      pk->off = at::empty({pk->O}, at::kInt);
+      int32_t* of = pk->off.data_ptr<int32_t>();
+      mx = 0;
+      for (int64_t o = 0; o < pk->O; ++o) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          ww[o * K + k] -= shift[o];
+          s += ww[o * K + k];
+          mx = std::max(mx, std::abs(ww[o * K + k]));
+        }
+        sw[o] = s;
+        of[o] = -shift[o];
+      }
+      pk->max_abs_w = mx;
+      wp = ww;
+    }
+  }
+  pk->mode = fits_int8 || pk->off.defined() ? KMode::kU8S8 : KMode::kS16;
   if (groups == 1 && fits_int8) {
     const int64_t c4n = (pk->Cg + 3) / 4, ob = (pk->O + 3) / 4;
     pk->wn = at::zeros({ob, ntaps, c4n, 4}, at::kInt);
@@ -583,9 +627,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   auto dst = [&](int64_t n, int64_t p0, int64_t o0, int rows, int cols) {
     TileDst d;
     if (nhwc) {
-      d = {(n * P + p0) * O + o0, O, 1, o0, rows, cols, 0};
+      d = {(n * P + p0) * O + o0, O, 1, o0, rows, cols, n * P + p0};
     } else {
-      d = {(n * O + o0) * P + p0, 1, P, o0, rows, cols, 0};
+      d = {(n * O + o0) * P + p0, 1, P, o0, rows, cols, n * P + p0};
     }
     return d;
   };
@@ -727,6 +771,39 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     });
     xp = bp;
   }
+  std::vector<int32_t> sx;
+  if (pk.off.defined()) {
+    // Shifted int8 weights (see PackedConv::off): sx[n * P + p] = sum over output pixel p's
+    // receptive field of the codes (padding holds x_zp) - x_zp * K, from per-pixel channel sums
+    // of the padded buffer, then KW-wide row sums, then KH-tall column sums.
+    sx.resize(N * P);
+    const int32_t zk = static_cast<int32_t>(x_zp * pk.Cg * ntaps);
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
+      std::vector<int32_t> S(Hp * Wp), R(Hp * Wo);
+      for (int64_t n = b; n < en; ++n) {
+        const uint8_t* img = xp + n * Hp * Wp * ct;
+        for (int64_t i = 0; i < Hp * Wp; ++i) {
+          int32_t v = 0;
+          for (int64_t c = 0; c < pk.Cg; ++c) v += img[i * ct + c];
+          S[i] = v;
+        }
+        for (int64_t h = 0; h < Hp; ++h)
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            int32_t v = 0;
+            for (int64_t kw = 0; kw < pk.KW; ++kw) v += S[h * Wp + ow * sw + kw];
+            R[h * Wo + ow] = v;
+          }
+        for (int64_t oh = 0; oh < Ho; ++oh)
+          for (int64_t ow = 0; ow < Wo; ++ow) {
+            int32_t v = -zk;
+            for (int64_t kh = 0; kh < pk.KH; ++kh) v += R[(oh * sh + kh) * Wo + ow];
+            sx[n * P + oh * Wo + ow] = v;
+          }
+      }
+    });
+    e.off = pk.off.data_ptr<int32_t>();
+    e.sx = sx.data();
+  }
   // With one group a kernel row's KW taps are contiguous in the buffer (pixel after pixel, ct
   // channels each) and in the panel's k order (kh, kw, c): one "tap" per kernel row then.
   const bool merge_kw = groups == 1;
@@ -812,12 +889,16 @@ void register_qconv(pybind11::module_& m) {
       .def_readonly("groups", &PackedConv::groups)
       .def_readonly("depthwise", &PackedConv::depthwise)
       .def_property_readonly("int16", [](const PackedConv& p) { return p.mode == KMode::kS16; })
+      .def_property_readonly("shifted", [](const PackedConv& p) { return p.off.defined(); })
       .def_property_readonly("nbytes", &PackedConv::nbytes)
       .def("__repr__", [](const PackedConv& p) {
         return "QConvPackedCpu(O=" + std::to_string(p.O) + ", C/g=" + std::to_string(p.Cg) +
                ", k=" + std::to_string(p.KH) + "x" + std::to_string(p.KW) +
                ", groups=" + std::to_string(p.groups) +
-               (p.depthwise ? ", depthwise" : p.mode == KMode::kS16 ? ", int16" : ", int8") +
+               (p.depthwise                ? ", depthwise"
+                : p.mode == KMode::kS16    ? ", int16"
+                : p.off.defined()          ? ", shifted int8"
+                                           : ", int8") +
                ")";
       });
   m.def("qconv2d_cpu", &qconv2d_cpu, py::arg("x"), py::arg("x_zp"), py::arg("w"),
