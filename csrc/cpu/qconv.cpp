@@ -612,6 +612,14 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const bool nhwc = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
   const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(fmt);
+  if (!nhwc && pk.KH == 1 && pk.KW == 1 && ph == 0 && pw == 0 && (sh > 1 || sw > 1)) {
+    // A strided 1x1 conv reads every sh-th row and sw-th column only: subsample them (a quarter
+    // of x at stride 2) and run a stride-1 1x1 conv, which the NCHW-native GEMM takes without a
+    // padded NHWC copy of all of x. The same sums in the same order: bit-identical.
+    const at::Tensor xs = x.slice(2, 0, H, sh).slice(3, 0, W, sw).contiguous();
+    return run(pk, xs, x_zp, scale, bias, {1, 1}, {0, 0}, groups, act, residual, out_scale,
+               out_zp, out_bits, res_scale, res_zp);
+  }
   const int64_t O = pk.O, P = Ho * Wo;
   at::Tensor out = at::empty({N, O, Ho, Wo},
                              x.options().dtype(out_bits ? at::kByte : at::kFloat), fmt);
