@@ -38,6 +38,7 @@ COLUMNS = [
     "threads",
     "impl",
     "backend",
+    "layout",
     "validated",
     "median_ms",
     "p10_ms",
@@ -102,6 +103,13 @@ def main(argv=None) -> int:
         help="also quantize the network input at this many bits (CalibConfig.input_a_bits: an "
         "integer stem); rows are labelled e.g. W4A4-in8",
     )
+    p.add_argument(
+        "--memory-format",
+        default="auto",
+        choices=["auto", "contiguous", "channels_last"],
+        help="the packed model's activation layout (default auto: channels_last on the C++ "
+        "kernels)",
+    )
     p.add_argument("--out", help="results folder (default benchmarks/results/)")
     args = p.parse_args(argv)
     formats = [parse_format(f, p) for f in args.formats]
@@ -138,6 +146,7 @@ def main(argv=None) -> int:
                 repeat=args.repeat,
                 device=args.device,
                 fp_model=model,
+                memory_format=args.memory_format,
             )
     record("packed_latency", rows, device=args.device, out_dir=args.out, columns=COLUMNS)
     return 0

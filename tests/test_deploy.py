@@ -253,6 +253,8 @@ def test_opcheck_deployment_ops():
     )
     torch.library.opcheck(ops.quantize_codes, (torch.randn(2, 4, 5, 5, generator=g), 0.1, 3, 4))
     torch.library.opcheck(ops.max_pool2d_codes, (x, [3, 3], [2, 2], [1, 1]))
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.max_pool2d_codes, (xcl, [3, 3], [2, 2], [1, 1]))
     torch.library.opcheck(ops.dequantize_codes, (x, 0.1, 3))
 
 
@@ -330,6 +332,36 @@ def test_small_model_parity(small):
     # free running: float32 rounding differences near ties flip a few codes; budget 5% of the
     # largest logit (measured 0 on this model)
     assert rep.logits_max_abs_diff <= 0.05 * rep.logits_max_abs
+
+
+def test_activation_layouts_give_identical_codes_and_logits(small):
+    """channels_last codes (``auto`` on the C++ kernels) and NCHW codes: every quantizer's codes
+    and the logits are identical (float layers and float glue run NCHW in both)."""
+    _, q, out, _, x = small
+    runs = {}
+    for fmt in ("contiguous", "channels_last"):
+        pm = load_packed(out, memory_format=fmt)
+        cap: dict = {}
+        runs[fmt] = (pm(x[:8], capture=cap), cap["codes"])
+        assert pm.layout == fmt
+        # feature maps: several channels and pixels (a [N, C, 1, 1] tensor is both layouts)
+        maps = [
+            c for c in cap["codes"].values() if c.dim() == 4 and c.shape[1] > 1 < c[0, 0].numel()
+        ]
+        assert maps and all(
+            c.is_contiguous(memory_format=torch.channels_last) != (fmt == "contiguous")
+            for c in maps
+        )
+    assert torch.equal(runs["contiguous"][0], runs["channels_last"][0])
+    assert runs["contiguous"][1].keys() == runs["channels_last"][1].keys()
+    for name, c in runs["contiguous"][1].items():
+        assert torch.equal(c, runs["channels_last"][1][name]), name
+    auto = load_packed(out)
+    auto(x[:2])
+    cpp = ops.choose("qconv2d", "cpu")[0] == "cpp"
+    assert auto.layout == ("channels_last" if cpp else "contiguous")
+    with pytest.raises(DeployError, match=r"memory_format 'nhwc' is not one of \['auto'"):
+        load_packed(out, memory_format="nhwc")
 
 
 def _copy(src, tmp_path):

@@ -534,8 +534,21 @@ def test_max_pool2d_codes_bit_exact(shape, k, s, p, isa):
         max_pool2d_codes_reference(wide, list(k), list(s), list(p)),
     )
     assert torch.equal(ops.max_pool2d_codes(x, list(k), list(s), list(p)), ref)
+    # channels_last in, channels_last out (the NHWC kernel), through the op and the extension
     cl = x.contiguous(memory_format=torch.channels_last)
-    assert torch.equal(_C.max_pool2d_codes_cpu(cl, list(k), list(s), list(p)), ref)
+    for out in (
+        _C.max_pool2d_codes_cpu(cl, list(k), list(s), list(p)),
+        ops.max_pool2d_codes(cl, list(k), list(s), list(p)),
+    ):
+        assert torch.equal(out, ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    wide_cl = torch.randint(0, 256, (2, 150, 9, 7), generator=g, dtype=torch.uint8)  # > 64 lanes
+    assert torch.equal(
+        _C.max_pool2d_codes_cpu(
+            wide_cl.contiguous(memory_format=torch.channels_last), list(k), list(s), list(p)
+        ),
+        max_pool2d_codes_reference(wide_cl, list(k), list(s), list(p)),
+    )
 
 
 def test_max_pool2d_codes_rejects_bad_input():

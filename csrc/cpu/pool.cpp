@@ -7,7 +7,9 @@
 // no dilation, floor output size. Exact (a max of integers).
 //
 // Entry point (pdquant_fast._C): max_pool2d_codes_cpu(x, kernel_size, stride, padding).
-// Per (n, c) plane: rows max-filtered over kw columns and subsampled, then the max over kh of
+// channels_last x (torch.channels_last, still [N, C, H, W]): the output is channels_last too,
+// each output pixel the max of its window's C-channel pixel vectors.
+// NCHW, per (n, c) plane: rows max-filtered over kw columns and subsampled, then the max over kh of
 // those rows per output row (both inner loops contiguous: AVX-512 when the q-kernels' active ISA
 // is avx512vnni, PDQUANT_CPU_ISA, else scalar). Planes in parallel.
 #include <ATen/Parallel.h>
@@ -65,23 +67,47 @@ at::Tensor max_pool2d_codes_cpu(const at::Tensor& x_in, const std::vector<int64_
   check(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1, "kernel_size and stride must be >= 1");
   check(ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw,
         "padding must be >= 0 and at most half the kernel size (as in torch max_pool2d)");
-  const at::Tensor x = x_in.contiguous();
+  const bool nhwc = x_in.is_contiguous(at::MemoryFormat::ChannelsLast) && !x_in.is_contiguous();
+  const auto fmt = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(fmt);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
   check(H + 2 * ph >= kh && W + 2 * pw >= kw, "the padded input is smaller than the kernel");
-  at::Tensor out = at::empty({N, C, Ho, Wo}, x.options());
+  at::Tensor out = at::empty({N, C, Ho, Wo}, x.options(), fmt);
   if (out.numel() == 0) return out;
   const uint8_t* xp = x.data_ptr<uint8_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
+  auto max_into = max_into_scalar;
+#ifdef PDQ_X86
+  if (active_isa() == Isa::kAvx512Vnni) max_into = max_into_avx512;
+#endif
+  if (nhwc) {
+    // channels_last: each output pixel is the max over its in-bounds taps of C-byte pixel
+    // vectors (contiguous, vectorised along channels). Output rows in parallel.
+    at::parallel_for(0, N * Ho, 1, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t n = row / Ho, oh = row % Ho;
+        const int64_t h0 = std::max<int64_t>(0, oh * sh - ph);
+        const int64_t h1 = std::min<int64_t>(H, oh * sh - ph + kh);
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t w0 = std::max<int64_t>(0, ow * sw - pw);
+          const int64_t w1 = std::min<int64_t>(W, ow * sw - pw + kw);
+          uint8_t* d = op + ((n * Ho + oh) * Wo + ow) * C;
+          const uint8_t* img = xp + n * H * W * C;
+          std::copy(img + (h0 * W + w0) * C, img + (h0 * W + w0) * C + C, d);
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t w = (h == h0 ? w0 + 1 : w0); w < w1; ++w)
+              max_into(d, img + (h * W + w) * C, C);
+        }
+      }
+    });
+    return out;
+  }
   // Codes are >= 0, so a zero is neutral for max: padding becomes zeros. Per plane: each input
   // row is zero-padded, max-filtered over kw taps at full resolution (contiguous, vectorised),
   // and subsampled at stride sw into T[h]; each output row is then the max over its kh rows
   // of T (contiguous again).
   const int64_t Wp = W + 2 * pw, Wf = Wp - kw + 1;
-  auto max_into = max_into_scalar;
-#ifdef PDQ_X86
-  if (active_isa() == Isa::kAvx512Vnni) max_into = max_into_avx512;
-#endif
   at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
     std::vector<uint8_t> padded(Wp, 0), full(Wf), t(H * Wo);
     for (int64_t plane = b; plane < e; ++plane) {
@@ -111,8 +137,8 @@ void register_pool(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("max_pool2d_codes_cpu", &max_pool2d_codes_cpu, py::arg("x"), py::arg("kernel_size"),
         py::arg("stride"), py::arg("padding"),
-        "pdquant::max_pool2d_codes on CPU: max-pool of uint8 codes [N, C, H, W] (in-bounds taps "
-        "only, no dilation, floor output size)");
+        "pdquant::max_pool2d_codes on CPU: max-pool of uint8 codes [N, C, H, W], NCHW or "
+        "channels_last (kept), in-bounds taps only, no dilation, floor output size");
 }
 
 }  // namespace

@@ -111,14 +111,17 @@ def bench_latency(
     baselines: bool = True,
     fp_model: nn.Module | None = None,
     log: Callable[[str], None] | None = print,
+    memory_format: str = "auto",
 ) -> list[dict]:
     """One row per (batch, implementation): median/p10/p90 ms, images/s, speed-up vs FP32.
 
-    ``fp_model``: the FP32 network to compare with (default: rebuilt from the manifest)."""
+    ``fp_model``: the FP32 network to compare with (default: rebuilt from the manifest).
+    ``memory_format``: the packed model's activation layout (:class:`PackedModel`); the packed
+    rows record the one that ran as ``layout``."""
     log = log or (lambda s: None)
     if threads:
         torch.set_num_threads(threads)
-    pm = load_packed(packed_dir, device=device)
+    pm = load_packed(packed_dir, device=device, memory_format=memory_format)
     m = pm.manifest
     shape = m.get("model", {}).get("input_size")
     if not shape:
@@ -160,10 +163,18 @@ def bench_latency(
             if device == "cpu" and q8 is not None:
                 fns["int8_ao"] = q8
         t = _time_interleaved(fns, x, warmup, repeat)
+        layout = pm.layout
         rows.append(
-            {**common, "impl": "packed", "backend": backend, "validated": validated, **t["packed"]}
+            {
+                **common,
+                "impl": "packed",
+                "backend": backend,
+                "layout": layout,
+                "validated": validated,
+                **t["packed"],
+            }
         )
-        log(f"batch {b}: packed ({backend}) {t['packed']['median_ms']:.2f} ms")
+        log(f"batch {b}: packed ({backend}, {layout}) {t['packed']['median_ms']:.2f} ms")
         if "fp32" in t:
             rows.append(
                 {**common, "impl": "fp32", "backend": "torch", "validated": None, **t["fp32"]}

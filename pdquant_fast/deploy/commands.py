@@ -21,6 +21,13 @@ def add_commands(sub) -> None:
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--no-baselines", action="store_true", help="time the packed model only")
+    b.add_argument(
+        "--memory-format",
+        default="auto",
+        choices=["auto", "contiguous", "channels_last"],
+        help="layout of the packed model's activation codes (default auto: channels_last where "
+        "the C++ kernels run)",
+    )
     b.add_argument("--out", help="results folder (default benchmarks/results/)")
     b.set_defaults(func=cmd_bench_latency)
 
@@ -59,6 +66,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         device=args.device,
         baselines=not args.no_baselines,
+        memory_format=args.memory_format,
     )
     record = _recorder()
     cols = [
@@ -68,6 +76,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         "threads",
         "impl",
         "backend",
+        "layout",
         "validated",
         "median_ms",
         "p10_ms",

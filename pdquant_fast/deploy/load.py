@@ -179,9 +179,12 @@ def read_tensors(folder: Path, m: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_packed(folder, device: str | torch.device = "cpu") -> PackedModel:
+def load_packed(
+    folder, device: str | torch.device = "cpu", memory_format: str = "auto"
+) -> PackedModel:
     """Verify ``folder`` (see the module docstring) and build the :class:`PackedModel` on
-    ``device``. Raises :class:`DeployError` naming the file and the problem."""
+    ``device`` (``memory_format``: its activation layout, see :class:`PackedModel`). Raises
+    :class:`DeployError` naming the file and the problem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DeployError(f"{folder}: not a folder (expected a packed model folder)")
@@ -190,4 +193,4 @@ def load_packed(folder, device: str | torch.device = "cpu") -> PackedModel:
     where = str(folder / MANIFEST_FILE)
     _check_layers(m, tensors, where)
     _check_graph(m, where)
-    return PackedModel(m, tensors).to(device).eval()
+    return PackedModel(m, tensors, memory_format=memory_format).to(device).eval()

@@ -288,7 +288,10 @@ class PackedLayer(nn.Module):
         if self.kind == "conv2d":
             if self.pre_pad is not None:
                 x = F.pad(x, self.pre_pad, value=self.x_zp)
-            x = x.contiguous()
+            # the C++ kernels (a prepacked CPU call) take channels_last codes as they are and
+            # return channels_last; everything else gets NCHW
+            if not (pre is not None and x.device.type == "cpu" and _is_cl(x)):
+                x = x.contiguous()
             if pre is not None:
                 fn, wp = pre
                 return fn(
@@ -386,12 +389,26 @@ class FloatLayer(nn.Module):
         """float32 output; ``act=False`` leaves out the activation (the caller has shown it to be
         a no-op for what follows)."""
         if self.kind == "conv2d":
+            x = x.contiguous()  # the simulation's layout: the same float conv, the same sums
             if self.pre_pad:
                 x = F.pad(x, self.pre_pad)
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         else:
             y = F.linear(x, self.weight, self.bias)
         return self.act(y) if act else y  # y is a fresh tensor: in place is safe
+
+
+def _is_cl(x: torch.Tensor) -> bool:
+    """4-d and channels_last (not also NCHW-contiguous, as a C = 1 or 1x1 tensor is)."""
+    return (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not (x.is_contiguous())
+    )
+
+
+#: Activation layouts the packed model can run in (:attr:`PackedModel.memory_format`).
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 def _safe(name: str) -> str:
@@ -406,8 +423,22 @@ class PackedModel(nn.Module):
     (``.to("cuda")``); the kernel is chosen per call by :mod:`pdquant_fast.ops.backends`.
     """
 
-    def __init__(self, manifest: dict, tensors: dict[str, torch.Tensor]):
+    def __init__(
+        self, manifest: dict, tensors: dict[str, torch.Tensor], memory_format: str = "auto"
+    ):
         super().__init__()
+        if memory_format not in MEMORY_FORMATS:
+            raise DeployError(
+                f"memory_format {memory_format!r} is not one of {list(MEMORY_FORMATS)}"
+            )
+        #: Layout of the activation codes between packed layers: ``"contiguous"`` (NCHW),
+        #: ``"channels_last"`` (the C++ kernels read and write it directly: no transposes in
+        #: their NHWC GEMM, the NHWC max-pool), or ``"auto"``: channels_last where the C++
+        #: kernels run the convolutions (CPU), NCHW elsewhere. Float tensors (float layers,
+        #: float glue) stay NCHW in all three, so that float sums run in the simulation's order:
+        #: the logits are identical whichever layout runs.
+        self.memory_format = memory_format
+        self._cl = False  # the last forward's choice (see layout)
         self.manifest = manifest
         self.graph_nodes = manifest["graph"]
         self.output_name = manifest["output"]
@@ -462,6 +493,11 @@ class PackedModel(nn.Module):
             )
         }
 
+    @property
+    def layout(self) -> str:
+        """The activation layout the last forward ran: ``"channels_last"`` or ``"contiguous"``."""
+        return "channels_last" if self._cl else "contiguous"
+
     def _act(self, name: str) -> ActParams:
         return self.acts[_safe(name)]
 
@@ -481,18 +517,24 @@ class PackedModel(nn.Module):
         where they differed), so that each layer can be compared on the reference's inputs.
         """
         env: dict = {}
+        self._cl = self.memory_format == "channels_last" or (
+            self.memory_format == "auto"
+            and x.device.type == "cpu"
+            and backends.choose("qconv2d", "cpu")[0] == "cpp"
+        )
         for node in self.graph_nodes:
             op = node["op"]
             out_act = None
             if op == "input":
                 val = x
             elif op == "quantize":
-                val = self._act(node["act"]).quantize(env[node["input"]])
+                val = self._codes_layout(self._act(node["act"]).quantize(env[node["input"]]))
                 out_act = node["act"]
             elif op == "dequantize":
                 if node["name"] in self._skip:
                     continue  # only read as residual codes (see __init__)
-                val = self._act(node["act"]).dequantize(env[node["input"]])
+                # float values are NCHW (the simulation's layout, see memory_format)
+                val = self._act(node["act"]).dequantize(env[node["input"]].contiguous())
             elif op == "layer_packed":
                 xin = env[node["input"]]
                 rc = self._res_codes.get(node["name"])
@@ -512,7 +554,7 @@ class PackedModel(nn.Module):
                 skip = node["act"] == "relu" and out_q is not None and out_q.zp_int == 0
                 val = self.layers[_safe(node["layer"])](env[node["input"]], act=not skip)
                 if out_q is not None:
-                    val = out_q.quantize(val)
+                    val = self._codes_layout(out_q.quantize(val))
                     out_act = node["out_act"]
             elif op == "glue":
                 val = self._glue(node, env)
@@ -528,12 +570,21 @@ class PackedModel(nn.Module):
             env[node["name"]] = val
         return env[self.output_name]
 
+    def _codes_layout(self, codes: torch.Tensor) -> torch.Tensor:
+        """Fresh activation codes in the model's :attr:`memory_format`."""
+        if self._cl and codes.dim() == 4:
+            return codes.contiguous(memory_format=torch.channels_last)
+        return codes
+
     def _glue(self, node: dict, env: dict):
         fn = GLUE[node["fn"]]
         args = _decode(node["args"], env)
         kwargs = {k: _decode(v, env) for k, v in node["kwargs"].items()}
         code_act = node.get("codes_act")
-        if code_act is None:
+        if code_act is None:  # float glue runs on NCHW, as in the simulation (reduction order)
+            args = [
+                a.contiguous() if isinstance(a, torch.Tensor) and _is_cl(a) else a for a in args
+            ]
             return fn(*args, **kwargs)
         if node["fn"] == "pad":  # zero padding in value space = the zero point in code space
             kwargs = dict(kwargs, value=self._act(code_act).zp_int)
@@ -542,7 +593,7 @@ class PackedModel(nn.Module):
             x = args[0]
             pool = _pool_on_codes(args, kwargs) if x.dim() == 4 else None
             if pool is not None:  # ops.max_pool2d_codes: uint8 in, uint8 out (C++ kernel)
-                return ops.max_pool2d_codes(x.contiguous(), *pool)
+                return ops.max_pool2d_codes(x if _is_cl(x) else x.contiguous(), *pool)
             # Other arguments (dilation, ceil_mode): pooled in float32 (exact: small integers;
             # max ignores order), through channels-last, which PyTorch's CPU max-pool runs ~10x
             # faster than NCHW (ResNet-18 stem pool, batch 8, one thread: 49 -> 4.8 ms).

@@ -488,9 +488,12 @@ def max_pool2d_codes(
 ) -> Tensor:
     """Max-pool of uint8 activation codes ``[N, C, H, W]``: the max over each window's in-bounds
     taps (padding never wins), no dilation, floor output size; exact, and equal to pooling the
-    dequantized values (the dequantization is increasing). See
+    dequantized values (the dequantization is increasing). Output: ``x``'s memory format
+    (channels_last stays channels_last); any strides are accepted. See
     :func:`~.reference.max_pool2d_codes_reference`."""
-    _check_tensor("x", x, torch.uint8, x.device)
+    if not isinstance(x, Tensor) or x.dtype != torch.uint8:
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise OpInputError(f"x must be a uint8 tensor of codes, got {got}")
     if x.dim() != 4:
         raise OpInputError(f"x must be 4-d [N, C, H, W] codes, got shape {tuple(x.shape)}")
     for name, v, lo in (
@@ -517,7 +520,9 @@ def _(x, kernel_size, stride, padding):
     n, c, h, w = x.shape
     ho = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
     wo = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return x.new_empty((n, c, ho, wo))
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 def _check_requant(
