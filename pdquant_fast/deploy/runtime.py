@@ -27,7 +27,10 @@ glue            a whitelisted torch function (:data:`GLUE`) on its ``args``/``kw
                 zero point, flatten/view, max-pool: all commute with dequantization)
 ==============  =================================================================================
 
-Activation codes are uint8 ``[N, C, H, W]`` (contiguous NCHW) or ``[N, K]``. Weights are held
+Activation codes are uint8 ``[N, C, H, W]`` or ``[N, K]``; feature maps of codes are
+channels_last where the C++ kernels run (:attr:`PackedModel.memory_format` ``"auto"``: no
+transposes in their NHWC GEMM, an NHWC max-pool), NCHW elsewhere; float32 tensors are always
+NCHW, so float layers and float glue sum in the simulation's order. Weights are held
 unpacked at run time as int8 offsets ``code - w_zp[o]`` (int16 for 8-bit weights), the layout
 ``qconv2d``/``qlinear`` take; a backend with a weight prepack (``<op>_prepack_<backend>``, see
 :mod:`pdquant_fast.ops.library`) gets it prepacked once per device.
@@ -292,6 +295,8 @@ class PackedLayer(nn.Module):
             # return channels_last; everything else gets NCHW
             if not (pre is not None and x.device.type == "cpu" and _is_cl(x)):
                 x = x.contiguous()
+                if residual is not None:
+                    residual = residual.contiguous()
             if pre is not None:
                 fn, wp = pre
                 return fn(
