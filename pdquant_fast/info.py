@@ -92,7 +92,8 @@ def collect_info() -> dict[str, Any]:
 
     Keys: ``pdquant_fast``, ``torch``, ``python``, ``platform``, ``numpy`` (version strings;
     ``numpy`` is None if it is missing) and ``cpu`` (a dict: ``model``, ``flags`` mapping each of
-    :data:`ISA_FLAGS` to a bool, ``logical_cores``). Does not touch CUDA.
+    :data:`ISA_FLAGS` to a bool, ``logical_cores``), ``thp_mem_alloc`` (the
+    ``THP_MEM_ALLOC_ENABLE`` setting, None if unset). Does not touch CUDA.
     """
     import torch
 
@@ -103,6 +104,8 @@ def collect_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu_info(),
         "numpy": _numpy_version(),
+        # PyTorch's CPU allocator on huge pages (the pdquant CLI turns it on, see cli.py)
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
 
 

@@ -207,3 +207,22 @@ def test_weights_for_another_model(shared_data, tmp_path, capsys):
         str(tmp_path / "o"),
     ]
     _expect_error(argv, capsys, "resnet56-4bfd9763.th")
+
+
+def test_cli_puts_torchs_cpu_allocator_on_huge_pages_unless_told_otherwise():
+    """``pdquant`` sets THP_MEM_ALLOC_ENABLE=1 before torch's first allocation (a user's own
+    value wins), and the runs record the setting (``collect_info()["thp_mem_alloc"]``)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, pdquant_fast.cli, torch; from pdquant_fast.info import collect_info; "
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), collect_info()['thp_mem_alloc'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    for given, want in ((None, "1 1"), ("0", "0 0")):
+        e = dict(env, THP_MEM_ALLOC_ENABLE=given) if given else env
+        out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-2:] == want.split(), out.stdout
