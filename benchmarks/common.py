@@ -210,6 +210,8 @@ def environment(device: str = "cpu") -> dict:
         "git_sha": git_sha(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(),
+        # PyTorch's CPU allocator on huge pages (docs/KERNELS.md: large activations)
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
 
 
