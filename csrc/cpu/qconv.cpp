@@ -70,11 +70,12 @@ struct PackedConv {
   int32_t max_abs_w = 0;
   at::Tensor panel;  // int8 bytes: [groups][superblock panels]
   at::Tensor sumw;   // int32 [O]: sum of w over C/groups x KH x KW (of the shifted w, below)
-  // Shifted int8 mode (one group, weights beyond int8 whose per-channel range fits 255 values:
-  // 8-bit weights, offsets w_code - w_zp in [-zp, 255 - zp]): the panel holds w - s[o] in
-  // [-128, 127] and the epilogue adds s[o] * (sum of the receptive field's x - x_zp * K) back
-  // through its off/sx terms (off = -s). The u8 x s8 kernels then run instead of the int16 ones.
-  at::Tensor off;  // int32 [O] = -s[o], or undefined
+  // Shifted int8 mode (one group, weights beyond int8 whose per-channel offsets span at most
+  // 256 values: 8-bit weights, offsets w_code - w_zp in [-zp, 255 - zp]): the panel holds
+  // w - s[o] in [-128, 127] and the epilogue adds s[o] * (sum of the receptive field's
+  // x - x_zp * K) back through its off/sx terms (off = -s). The u8 x s8 kernels then run
+  // instead of the int16 ones.
+  at::Tensor off;    // int32 [O] = -s[o], or undefined
   at::Tensor dw;     // depthwise: int32 [KH*KW][round_up(C, 16)]
   at::Tensor dw2;    // depthwise: int16 pairs (w[2i][c], w[2i+1][c]) [ceil(KH*KW/2)][...] as int32
   at::Tensor dwq;    // depthwise, planar path: int8 quads (w[kh][4g..4g+3][c], 0 past KW) as

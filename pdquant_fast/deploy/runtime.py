@@ -405,11 +405,8 @@ class FloatLayer(nn.Module):
 
 def _is_cl(x: torch.Tensor) -> bool:
     """4-d and channels_last (not also NCHW-contiguous, as a C = 1 or 1x1 tensor is)."""
-    return (
-        x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not (x.is_contiguous())
-    )
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return cl and not x.is_contiguous()
 
 
 #: Activation layouts the packed model can run in (:attr:`PackedModel.memory_format`).
