@@ -18,9 +18,9 @@ from pathlib import Path
 # PyTorch's CPU allocator on transparent huge pages for blocks of 2 MB and more. glibc serves
 # every allocation above 32 MB with fresh mmap pages, faulted in 4 kB at a time on first touch,
 # and a calibration step on large activations spends most of its time there (one fake-quant
-# forward + backward on [32, 32, 112, 112], EfficientNet-Lite0's stem at batch 32: 75 -> 23 ms,
-# one thread). torch reads the variable at its first allocation, so it is set before torch is
-# imported; a value the user set wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
+# forward + backward on [32, 32, 112, 112], EfficientNet-Lite0's stem at batch 32: 68.6 -> 24.2
+# ms, one thread, docs/KERNELS.md). torch reads the variable at its first allocation, so it is
+# set before torch is imported; a value the user set wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
 if "torch" not in sys.modules:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
