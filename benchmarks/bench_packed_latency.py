@@ -35,6 +35,7 @@ from benchmarks.common import record  # noqa: E402
 from pdquant_fast.deploy import export_packed  # noqa: E402
 from pdquant_fast.deploy.bench import bench_latency  # noqa: E402
 from pdquant_fast.deploy.parity import quick_quantize  # noqa: E402
+from pdquant_fast.deploy.runtime import MEMORY_FORMATS  # noqa: E402
 
 COLUMNS = [
     "model",
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--memory-format",
         default="auto",
-        choices=["auto", "contiguous", "channels_last"],
+        choices=MEMORY_FORMATS,
         help="the packed model's activation layout (default auto: channels_last on the C++ "
         "kernels)",
     )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 def add_commands(sub) -> None:
     """Add the deployment sub-commands to the ``pdquant`` argument parser."""
+    from .runtime import MEMORY_FORMATS
+
     e = sub.add_parser("export", help="write a calibrated run as a packed 2/4-bit model")
     e.add_argument("run", help="folder written by pdquant calibrate")
     e.add_argument("--out", required=True, help="output folder (manifest.json + safetensors)")
@@ -24,7 +26,7 @@ def add_commands(sub) -> None:
     b.add_argument(
         "--memory-format",
         default="auto",
-        choices=["auto", "contiguous", "channels_last"],
+        choices=MEMORY_FORMATS,
         help="layout of the packed model's activation codes (default auto: channels_last where "
         "the C++ kernels run)",
     )

@@ -432,22 +432,32 @@ def _(packed, bits, k):
     return packed.new_empty((packed.shape[0], k))
 
 
+def _check_dtype_any_strides(name: str, t, dtype: torch.dtype, what: str) -> None:
+    """``t`` a tensor of ``dtype`` (any strides: the op keeps its memory format)."""
+    if not isinstance(t, Tensor) or t.dtype != dtype:
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise OpInputError(f"{name} must be a {what}, got {got}")
+
+
+def _check_step(delta) -> None:
+    """An activation quantizer's step: a Python number, finite and > 0 once in float32."""
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+        raise OpInputError(f"delta must be a float, got {type(delta).__name__}")
+    d32 = float(torch.tensor(float(delta), dtype=torch.float32))
+    if not (0.0 < d32 < float("inf")):
+        raise OpInputError(f"delta must be finite and > 0 in float32, got {delta!r}")
+
+
 @torch.library.custom_op("pdquant::quantize_codes", mutates_args=())
 def quantize_codes(x: Tensor, delta: float, zp: int, bits: int) -> Tensor:
     """float32 activations -> uint8 codes ``clamp(round_half_even(x / delta) + zp, 0,
     2^bits - 1)`` (float32, true division): the activation quantizer's codes, as the packed
     runtime feeds them to ``qconv2d``/``qlinear``. Output: ``x``'s shape and memory format.
     See :func:`~.reference.quantize_codes_reference`. Any strides are accepted."""
-    if not isinstance(x, Tensor) or x.dtype != torch.float32:
-        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-        raise OpInputError(f"x must be a float32 tensor, got {got}")
+    _check_dtype_any_strides("x", x, torch.float32, "float32 tensor")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise OpInputError(f"bits must be an int in 2..8, got {bits!r}")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
-        raise OpInputError(f"delta must be a float, got {type(delta).__name__}")
-    d32 = float(torch.tensor(float(delta), dtype=torch.float32))
-    if not (0.0 < d32 < float("inf")):
-        raise OpInputError(f"delta must be finite and > 0 in float32, got {delta!r}")
+    _check_step(delta)
     if isinstance(zp, bool) or not isinstance(zp, int) or not 0 <= zp < (1 << bits):
         raise OpInputError(f"zp must be an int in 0..{(1 << bits) - 1} for {bits} bits, got {zp!r}")
     return _run("quantize_codes", x.device, None)(x, float(delta), zp, bits)
@@ -464,14 +474,8 @@ def dequantize_codes(codes: Tensor, delta: float, zp: int) -> Tensor:
     multiplication, each rounded: the simulation's dequantization bit for bit). Output: the codes'
     shape and memory format; any strides are accepted. See
     :func:`~.reference.dequantize_codes_reference`."""
-    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
-        got = codes.dtype if isinstance(codes, Tensor) else type(codes).__name__
-        raise OpInputError(f"codes must be a uint8 tensor, got {got}")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
-        raise OpInputError(f"delta must be a float, got {type(delta).__name__}")
-    d32 = float(torch.tensor(float(delta), dtype=torch.float32))
-    if not (0.0 < d32 < float("inf")):
-        raise OpInputError(f"delta must be finite and > 0 in float32, got {delta!r}")
+    _check_dtype_any_strides("codes", codes, torch.uint8, "uint8 tensor")
+    _check_step(delta)
     if isinstance(zp, bool) or not isinstance(zp, int) or not 0 <= zp <= 255:
         raise OpInputError(f"zp must be an int in 0..255, got {zp!r}")
     return _run("dequantize_codes", codes.device, None)(codes, float(delta), zp)
@@ -491,9 +495,7 @@ def max_pool2d_codes(
     dequantized values (the dequantization is increasing). Output: ``x``'s memory format
     (channels_last stays channels_last); any strides are accepted. See
     :func:`~.reference.max_pool2d_codes_reference`."""
-    if not isinstance(x, Tensor) or x.dtype != torch.uint8:
-        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-        raise OpInputError(f"x must be a uint8 tensor of codes, got {got}")
+    _check_dtype_any_strides("x", x, torch.uint8, "uint8 tensor of codes")
     if x.dim() != 4:
         raise OpInputError(f"x must be 4-d [N, C, H, W] codes, got shape {tuple(x.shape)}")
     for name, v, lo in (
