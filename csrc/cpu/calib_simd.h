@@ -108,6 +108,7 @@ struct Scalar {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
+  static F sqrt_(F a) { return std::sqrt(a); }
   static F fmadd(F a, F b, F c) { return std::fmaf(a, b, c); }
   static F max_(F a, F b) { return a > b ? a : b; }
   static F min_(F a, F b) { return a < b ? a : b; }
@@ -196,6 +197,7 @@ struct Avx2 {
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F sqrt_(F a) { return _mm256_sqrt_ps(a); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F max_(F a, F b) { return _mm256_max_ps(a, b); }
   static F min_(F a, F b) { return _mm256_min_ps(a, b); }
@@ -313,6 +315,7 @@ struct Avx512 {
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F sqrt_(F a) { return _mm512_sqrt_ps(a); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F max_(F a, F b) { return _mm512_max_ps(a, b); }
   static F min_(F a, F b) { return _mm512_min_ps(a, b); }

@@ -11,7 +11,9 @@ of three fast kernels, with one signature and one naming scheme (STYLE.md)::
 Default order: CPU ``cpp`` then ``reference``; CUDA ``cuda``, ``triton``, ``reference``. The
 environment variable ``PDQUANT_KERNELS=reference|cpp|triton|cuda`` (or :func:`force`) forces one
 backend for every op; if it cannot run a call, :class:`BackendError` names every candidate and why
-it was rejected. There is no silent fallback from a forced backend.
+it was rejected. There is no silent fallback from a forced backend. (An op may implement only some
+backends, e.g. the distribution-correction ops: C++ and the reference. Forcing a backend such an op
+does not have at all leaves it on the default order; ``explain`` lists what each op has.)
 
 Availability is probed lazily (importing this module imports neither the extension nor Triton)
 and cached; :func:`explain` gives the table that ``pdquant info`` prints.
@@ -36,18 +38,31 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class OpInfo:
-    """What each op's fast kernels support, beyond device: the bit-widths."""
+    """What each op's fast kernels support, beyond device: the bit-widths, and which backends
+    implement it at all (None: every one)."""
 
     name: str
     bits: tuple[int, ...] | None  # None: the op takes no bit-width
+    backends: tuple[str, ...] | None = None
 
 
 #: Ops whose kernels this chooser dispatches; ``library.py`` holds their schemas.
 OPS: dict[str, OpInfo] = {}
 
 
-def register_op(name: str, bits: tuple[int, ...] | None) -> None:
-    OPS[name] = OpInfo(name, bits)
+def register_op(
+    name: str, bits: tuple[int, ...] | None, backends: tuple[str, ...] | None = None
+) -> None:
+    """Register ``name``. ``backends``: the backends that implement it, when not all of them
+    (the distribution-correction ops have a C++ kernel and the reference only). Forcing a
+    backend that an op does not implement at all leaves that op on its default order (C++ on
+    CPU tensors, else the reference); forcing one it implements but cannot run for a call is an
+    error, as for every op."""
+    if backends is not None:
+        unknown = set(backends) - set(BACKENDS)
+        if unknown or "reference" not in backends:
+            raise ValueError(f"op {name}: backends {backends} must include 'reference'")
+    OPS[name] = OpInfo(name, bits, backends)
 
 
 _forced: str | None = None
@@ -107,6 +122,8 @@ def candidate(
     """``(function, "")`` if ``backend`` can run ``op`` on ``device_type`` at ``bits``, else
     ``(None, reason)``."""
     info = OPS[op]
+    if info.backends is not None and backend not in info.backends:
+        return None, f"no {backend} kernel for {op} (has {list(info.backends)})"
     if (
         bits is not None
         and info.bits is not None
@@ -150,7 +167,8 @@ def candidate(
 def _choose(
     op: str, device_type: str, bits: int | None, forced: str | None
 ) -> tuple[str, Callable]:
-    if forced is not None:
+    implemented = OPS[op].backends
+    if forced is not None and (implemented is None or forced in implemented):
         fn, why = candidate(op, forced, device_type, bits)
         if fn is not None:
             return forced, fn

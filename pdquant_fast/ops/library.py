@@ -16,7 +16,11 @@ Ops (namespace ``pdquant``):
   ``adaround_soft_backward(grad_wq, grad_reg, ...) -> grad_alpha``: AdaRound soft weight and its
   regulariser in one pass;
 * ``adaround_hard(w_floor, alpha, zero_point, bits) -> codes``: final integer codes (uint8);
-* ``mse_search_2d(x, bits, steps) -> (delta, zero_point)``: the L2.4 initialisation search.
+* ``mse_search_2d(x, bits, steps) -> (delta, zero_point)``: the L2.4 initialisation search;
+* ``bn_stat_loss(x, mean, std) -> (loss, m, s)`` and ``bn_stat_loss_backward(grad, x, mean, std,
+  m, s) -> grad_x``: the per-sample BatchNorm-statistic loss of distribution correction;
+* ``dc_adam_step(x, x0, g, m, v, kc, step, b1, b2, sqrt_bc2, eps) -> (x_new, close)``: its input
+  update (closeness gradient + Adam, ``m`` and ``v`` in place) in one pass.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ backends.register_op("adaround_soft", OP_BITS)
 backends.register_op("adaround_soft_backward", OP_BITS)
 backends.register_op("adaround_hard", OP_BITS)
 backends.register_op("mse_search_2d", OP_BITS)
+# distribution correction: a C++ CPU kernel and the reference (which runs on GPU as it is)
+_DC_BACKENDS = ("reference", "cpp")
+backends.register_op("bn_stat_loss", None, _DC_BACKENDS)
+backends.register_op("bn_stat_loss_backward", None, _DC_BACKENDS)
+backends.register_op("dc_adam_step", None, _DC_BACKENDS)
 
 #: Largest tensor the in-kernel QDrop hash can index (flat uint32 index).
 MAX_HASH_NUMEL = 1 << 32
@@ -344,6 +353,133 @@ def mse_search_2d(x: Tensor, bits: int, steps: int) -> tuple[Tensor, Tensor]:
 @mse_search_2d.register_fake
 def _(x, bits, steps):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# distribution correction
+
+
+def _check_dense4(name: str, t: Tensor, device: torch.device) -> None:
+    """A float32 ``[B, C, H, W]`` tensor on ``device``, contiguous or channels_last."""
+    if not isinstance(t, Tensor):
+        raise OpInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise OpInputError(f"{name} must be torch.float32, got {t.dtype}")
+    if t.device != device:
+        raise OpInputError(f"{name} is on {t.device} but the input is on {device}; use one device")
+    if t.dim() != 4:
+        raise OpInputError(f"{name} must be 4-d [B, C, H, W], got shape {tuple(t.shape)}")
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        raise OpInputError(f"{name} must be contiguous (call .contiguous() first) or channels_last")
+
+
+def _check_bn_stat(x: Tensor, mean: Tensor, std: Tensor) -> None:
+    _check_dense4("x", x, x.device if isinstance(x, Tensor) else None)
+    if x.shape[2] * x.shape[3] < 2:
+        raise OpInputError(
+            f"H * W must be >= 2 for the unbiased variance, got {tuple(x.shape[2:])}"
+        )
+    for name, t in (("mean", mean), ("std", std)):
+        _check_tensor(name, t, torch.float32, x.device)
+        if t.dim() != 1 or t.shape[0] != x.shape[1]:
+            raise OpInputError(
+                f"{name} must be [C] = [{x.shape[1]}] (one value per channel of x), "
+                f"got {tuple(t.shape)}"
+            )
+
+
+@torch.library.custom_op("pdquant::bn_stat_loss", mutates_args=())
+def bn_stat_loss(x: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss [B], m [B, C], s [B, C])``: see :func:`~.reference.bn_stat_loss_reference`.
+    Differentiable in ``x`` through ``loss`` (``m`` and ``s`` are not differentiable)."""
+    _check_bn_stat(x, mean, std)
+    return _run("bn_stat_loss", x.device, None)(x, mean, std)
+
+
+@bn_stat_loss.register_fake
+def _(x, mean, std):
+    b, c = x.shape[0], x.shape[1]
+    return x.new_empty(b), x.new_empty(b, c), x.new_empty(b, c)
+
+
+@torch.library.custom_op("pdquant::bn_stat_loss_backward", mutates_args=())
+def bn_stat_loss_backward(
+    grad: Tensor, x: Tensor, mean: Tensor, std: Tensor, m: Tensor, s: Tensor
+) -> Tensor:
+    """``grad_x``: see :func:`~.reference.bn_stat_loss_backward_reference`."""
+    _check_bn_stat(x, mean, std)
+    b, c = x.shape[0], x.shape[1]
+    _check_tensor("grad", grad, torch.float32, x.device)
+    if grad.shape != (b,):
+        raise OpInputError(f"grad must be [B] = [{b}], got {tuple(grad.shape)}")
+    for name, t in (("m", m), ("s", s)):
+        _check_tensor(name, t, torch.float32, x.device)
+        if t.shape != (b, c):
+            raise OpInputError(f"{name} must be [B, C] = [{b}, {c}], got {tuple(t.shape)}")
+    return _run("bn_stat_loss_backward", x.device, None)(grad, x, mean, std, m, s)
+
+
+@bn_stat_loss_backward.register_fake
+def _(grad, x, mean, std, m, s):
+    return torch.empty_like(x)
+
+
+def _bn_stat_setup(ctx, inputs, output):
+    x, mean, std = inputs
+    _, m, s = output
+    ctx.mark_non_differentiable(m, s)
+    ctx.save_for_backward(x, mean, std, m, s)
+
+
+def _bn_stat_backward(ctx, grad_loss, grad_m, grad_s):
+    x, mean, std, m, s = ctx.saved_tensors
+    return bn_stat_loss_backward(grad_loss.contiguous(), x, mean, std, m, s), None, None
+
+
+bn_stat_loss.register_autograd(_bn_stat_backward, setup_context=_bn_stat_setup)
+
+
+@torch.library.custom_op("pdquant::dc_adam_step", mutates_args=("m", "v"))
+def dc_adam_step(
+    x: Tensor,
+    x0: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    kc: Tensor,
+    step: Tensor,
+    b1: float,
+    b2: float,
+    sqrt_bc2: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """``(x_new, close [B])``, ``m`` and ``v`` updated in place: see
+    :func:`~.reference.dc_adam_step_reference`."""
+    _check_dense4("x", x, x.device if isinstance(x, Tensor) else None)
+    for name, t in (("x0", x0), ("g", g), ("m", m), ("v", v)):
+        _check_dense4(name, t, x.device)
+        if t.shape != x.shape or t.stride() != x.stride():
+            raise OpInputError(
+                f"{name} must have x's shape {tuple(x.shape)} and strides {x.stride()} (the same "
+                f"memory format), got {tuple(t.shape)} / {t.stride()}"
+            )
+    for name, t in (("kc", kc), ("step", step)):
+        _check_tensor(name, t, torch.float32, x.device)
+        if t.shape != (x.shape[0],):
+            raise OpInputError(f"{name} must be [B] = [{x.shape[0]}], got {tuple(t.shape)}")
+    for name, val in (("b1", b1), ("b2", b2)):
+        if not 0.0 <= val < 1.0:
+            raise OpInputError(f"{name} must be in [0, 1), got {val!r}")
+    if not sqrt_bc2 > 0.0 or not eps > 0.0:
+        raise OpInputError(f"sqrt_bc2 and eps must be > 0, got {sqrt_bc2!r} and {eps!r}")
+    return _run("dc_adam_step", x.device, None)(
+        x, x0, g, m, v, kc, step, float(b1), float(b2), float(sqrt_bc2), float(eps)
+    )
+
+
+@dc_adam_step.register_fake
+def _(x, x0, g, m, v, kc, step, b1, b2, sqrt_bc2, eps):
+    return torch.empty_like(x), x.new_empty(x.shape[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -250,6 +250,79 @@ def mse_search_2d_reference(
 
 
 # --------------------------------------------------------------------------------------------
+# distribution correction
+
+
+def bn_stat_loss_reference(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample BatchNorm-statistic loss of distribution correction (spec §3).
+
+    ``x`` ``[B, C, H, W]`` float32 (a BN's input; contiguous or channels_last, ``H*W >= 2``),
+    ``mean``/``std`` ``[C]``: the BN's running mean and ``sqrt(running_var + 1e-6)``. Per sample
+    and channel, ``m = mean of x over H*W`` and ``s = sqrt(unbiased var over H*W + 1e-6)``;
+    returns ``(loss [B], m [B, C], s [B, C])`` with
+    ``loss[b] = sum_c (mean[c] - m[b, c])**2 + (std[c] - s[b, c])**2`` (a sum over the sample's
+    channels, not a batch mean). ``m`` and ``s`` are returned for the backward.
+    """
+    m = x.mean(dim=(2, 3))
+    s = torch.sqrt(x.var(dim=(2, 3), unbiased=True) + 1e-6)
+    loss = ((mean[None] - m) ** 2).sum(1) + ((std[None] - s) ** 2).sum(1)
+    return loss, m, s
+
+
+def bn_stat_loss_backward_reference(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    m: torch.Tensor,
+    s: torch.Tensor,
+) -> torch.Tensor:
+    """``grad_x`` of :func:`bn_stat_loss_reference` given ``grad = dL/dloss`` ``[B]`` and the
+    forward's ``m``, ``s``: ``grad[b] * (2 (m - mean) / N + 2 (s - std) / (s (N - 1)) * (x - m))``
+    per element, ``N = H*W``. Same shape and memory format as ``x``."""
+    n = x.shape[2] * x.shape[3]
+    g = grad[:, None]
+    a = g * 2 * (m - mean[None]) / n
+    k = g * 2 * (s - std[None]) / (s * (n - 1))
+    return a[:, :, None, None] + k[:, :, None, None] * (x - m[:, :, None, None])
+
+
+def dc_adam_step_reference(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    kc: torch.Tensor,
+    step: torch.Tensor,
+    b1: float,
+    b2: float,
+    sqrt_bc2: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One distribution-correction update of the unit input ``x`` ``[B, C, H, W]`` (spec §3).
+
+    ``g`` is the gradient of the (group-normalised) BN-statistic loss; the closeness term
+    ``L_close / lamb_c`` adds ``d * kc[b]`` (``d = x - x0``, ``kc = 2 * inv / (lamb_c * H*W)``
+    per sample) before Adam, whose moments ``m`` and ``v`` are updated **in place**; ``step[b]``
+    is the sample's ``lr / (1 - b1**t)`` and ``sqrt_bc2 = sqrt(1 - b2**t)``. Returns ``(x_new,
+    close)`` with ``close[b] = sum over the sample of d**2 / (H*W)`` (L_close before the
+    update). The operation order below is the contract (fast kernels are bit-exact in
+    ``x_new``, ``m``, ``v``; ``close`` is a reduction).
+    """
+    shp = (-1, 1, 1, 1)
+    d = x - x0
+    close = (d * d).sum(dim=(1, 2, 3)) / (x.shape[2] * x.shape[3])
+    gg = g + d * kc.view(shp)
+    m.mul_(b1).add_(gg * (1 - b1))
+    v.mul_(b2).add_(gg * gg * (1 - b2))
+    denom = v.sqrt() / sqrt_bc2 + eps
+    return x - step.view(shp) * m / denom, close
+
+
+# --------------------------------------------------------------------------------------------
 # deployment (packed low-bit inference)
 
 
