@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from pdquant_fast import ops
 from pdquant_fast.api import build_quantized_skeleton, load_quant_state, quant_state, quantize
 from pdquant_fast.config import make_config
 from pdquant_fast.engine import Calibrator, distribution_correction, evaluate
@@ -51,6 +52,33 @@ def test_distribution_correction_reduces_bn_mismatch_and_batching_is_exact(resne
     x_c32, b32, a32 = distribution_correction(unit, x_fp, cfg32)
     assert torch.allclose(x_c, x_c32, rtol=0, atol=1e-5)
     assert abs(after - a32) < 1e-4 * abs(a32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_distribution_correction_matches_the_straightforward_loop(resnet20, cifar, backend):
+    """The engine's DC (channels-last, forward stopped at the last BN, BN statistics and the
+    closeness gradient + Adam as ops) against the eager autograd loop it replaced
+    (benchmarks/bench_dc.py keeps it): the same optimisation up to float rounding. Adam's first
+    steps move each element by about +-lr whatever the gradient's size, so an element whose
+    gradient is ~0 can move the other way under a rounding difference: compared are the BN
+    losses and the mean difference, and the largest difference against 2 lr per step."""
+    from benchmarks.bench_dc import plain_distribution_correction
+
+    xc = cifar[0][:64]
+    top, x_fp = _unit_input(resnet20, xc, 1)
+    unit = top.get_submodule("unit_1").requires_grad_(False)
+    cfg = make_config("pdquant", preset="resnet", dc_iters=10, dc_batch=64)
+    x_p, b_p, a_p = plain_distribution_correction(unit, x_fp, cfg)
+    ops.force(backend)
+    try:
+        x_c, b_c, a_c = distribution_correction(unit, x_fp, cfg)
+    finally:
+        ops.force(None)
+    assert abs(b_c - b_p) <= 1e-5 * b_p and abs(a_c - a_p) <= 1e-4 * a_p
+    diff = (x_c - x_p).abs()
+    assert diff.mean() < 1e-5
+    assert diff.max() <= 2 * cfg.dc_lr * cfg.dc_iters
+    assert x_c.is_contiguous()  # stored back in the caller's layout
 
 
 def test_distribution_correction_skipped_without_bn(resnet20, cifar):
