@@ -49,7 +49,12 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--seed", type=int, default=1005)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--backends", default="reference,auto")
+    p.add_argument(
+        "--backends",
+        default="reference,auto",
+        help="runs, comma-separated, each BACKEND[:PD_TAIL_DTYPE] (reference|cpp|auto, "
+        "float32|bfloat16; default float32), e.g. reference,auto,auto:bfloat16",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -66,7 +71,9 @@ def main(argv=None) -> int:
     yt = torch.tensor([test[i][1] for i in range(1000)])
     rows, preds = [], {}
     base = None
-    for backend in args.backends.split(","):
+    for run in args.backends.split(","):
+        backend, _, tail = run.partition(":")
+        tail = tail or "float32"
         ops.force(None if backend == "auto" else backend)
         try:
             used = ops.choose("fake_quant_act", "cpu", args.a_bits)[0]
@@ -78,6 +85,7 @@ def main(argv=None) -> int:
                 w_bits=args.w_bits,
                 a_bits=args.a_bits,
                 preset="resnet",
+                pd_tail_dtype=tail,
                 iters=args.iters,
                 dc_iters=args.dc_iters,
                 seed=args.seed,
@@ -89,8 +97,9 @@ def main(argv=None) -> int:
         finally:
             ops.force(None)
         opt_s = sum(u.opt_seconds for u in rep.units)
+        dc_s = sum(u.dc_seconds or 0.0 for u in rep.units)
         opt_n = sum(u.opt_iters for u in rep.units)
-        preds[backend] = acc["pred"]
+        preds[run] = acc["pred"]
         row = {
             "model": "resnet20",
             "method": args.method,
@@ -98,7 +107,9 @@ def main(argv=None) -> int:
             "iters": args.iters,
             "seed": args.seed,
             "backend": used,
+            "pd_tail_dtype": tail,
             "wall_s": wall,
+            "dc_s": dc_s,
             "opt_s": opt_s,
             "ms_per_iter": opt_s / max(opt_n, 1) * 1e3,
             "top1": acc["top1"],
@@ -109,9 +120,9 @@ def main(argv=None) -> int:
         row["speedup_iters"] = base["opt_s"] / opt_s
         rows.append(row)
     names = list(preds)
-    if len(names) == 2:
-        agree = int((preds[names[0]] == preds[names[1]]).sum())
-        rows[-1]["pred_agreement"] = f"{agree}/1000"
+    for row, name in zip(rows[1:], names[1:], strict=True):  # agreement with the first run
+        agree = int((preds[names[0]] == preds[name]).sum())
+        row["pred_agreement"] = f"{agree}/1000"
     record(
         "calibration",
         rows,
@@ -122,7 +133,9 @@ def main(argv=None) -> int:
             "bits",
             "iters",
             "backend",
+            "pd_tail_dtype",
             "wall_s",
+            "dc_s",
             "opt_s",
             "ms_per_iter",
             "speedup_wall",

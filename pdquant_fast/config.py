@@ -17,6 +17,10 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
+#: Allowed ``CalibConfig.pd_tail_dtype`` values.
+PD_TAIL_DTYPES = ("float32", "bfloat16")
+
+
 @dataclass
 class CalibConfig:
     """Every setting of a calibration run. Defaults are the official PD-Quant values.
@@ -64,6 +68,10 @@ class CalibConfig:
     pd_loss: bool = True
     temperature: float = 4.0
     lamb_r: float = 0.1
+    # dtype of the PD loss's full-precision tail (the rest of the network after the unit, forward
+    # and input-gradient backward, frozen weights): "float32" (official) or "bfloat16" (autocast:
+    # its convolutions and matmuls in bf16; the unit, its quantizers and the losses stay float32)
+    pd_tail_dtype: str = "float32"
     rec_loss: bool = True  # ablation: PD loss alone when False
     round_loss: bool = True  # ablation: AdaRound regulariser off when False
     dist_correction: bool = True
@@ -114,6 +122,10 @@ class CalibConfig:
             raise QuantConfigError(f"keep_prob must be in (0, 1], got {c.keep_prob}")
         if not 0.0 <= c.warmup < 1.0:
             raise QuantConfigError(f"warmup must be in [0, 1), got {c.warmup}")
+        if c.pd_tail_dtype not in PD_TAIL_DTYPES:
+            raise QuantConfigError(
+                f"pd_tail_dtype must be one of {list(PD_TAIL_DTYPES)}, got {c.pd_tail_dtype!r}"
+            )
         for name in ("temperature", "lamb_r", "lamb_c", "lr_alpha", "lr_delta", "dc_lr"):
             if not getattr(c, name) > 0:
                 raise QuantConfigError(f"{name} must be > 0, got {getattr(c, name)}")

@@ -461,8 +461,17 @@ class Calibrator:
         y_c = cache.view(batched_into(fp_unit, x_c, cache))
         layers = unit_layers(q_unit)
         acts = unit_act_quantizers(q_unit)
-        tail = (lambda o: self.fp_exec.run_from(self._fp_tail(), k, o)) if cfg.pd_loss else None
+        tail = (lambda o: self._run_tail(k, o)) if cfg.pd_loss else None
         self._optimise(q_unit, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, f"{spec.name}")
+
+    def _run_tail(self, k: int, o: torch.Tensor) -> torch.Tensor:
+        """FP logits of the network resumed after unit ``k`` on its output ``o`` (float32),
+        under bf16 autocast when ``cfg.pd_tail_dtype == "bfloat16"``."""
+        if self.cfg.pd_tail_dtype == "bfloat16":
+            with torch.autocast(device_type=o.device.type, dtype=torch.bfloat16):
+                z = self.fp_exec.run_from(self._fp_tail(), k, o)
+            return z.float()
+        return self.fp_exec.run_from(self._fp_tail(), k, o)
 
     def _fp_tail(self) -> fx.GraphModule:
         """The FP model with every conv->BN pair folded (eval-mode BN is affine): the same

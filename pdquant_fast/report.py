@@ -1245,7 +1245,7 @@ def calib_step_markdown(rows: list[dict]) -> str:
 
 def calibration_markdown(rows: list[dict]) -> str:
     """A whole calibration per backend (bench_calibration.py rows of one run)."""
-    head = ["model", "method", "bits", "iters", "seed", "backend", "wall s"]
+    head = ["model", "method", "bits", "iters", "seed", "backend", "PD tail", "wall s", "DC s"]
     head += ["reconstruction s", "ms / iteration", "top-1 %", "× wall", "× per iteration"]
     head += ["same predictions as reference"]
     body = []
@@ -1258,7 +1258,9 @@ def calibration_markdown(rows: list[dict]) -> str:
                 r.get("iters"),
                 r.get("seed"),
                 r.get("backend"),
+                r.get("pd_tail_dtype", "float32"),
                 fmt_num(r.get("wall_s")),
+                fmt_num(r.get("dc_s")) if r.get("dc_s") is not None else "–",
                 fmt_num(r.get("opt_s")),
                 fmt_num(r.get("ms_per_iter")),
                 fmt_num(r.get("top1")),

@@ -160,6 +160,33 @@ def test_pd_tail_with_folded_bn_is_the_same_function(resnet20, cifar):
             assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_bf16_pd_tail_runs_in_bf16_and_stays_close(resnet20, cifar):
+    """``pd_tail_dtype="bfloat16"``: the tail's convolutions run under bf16 autocast (the
+    logits differ from float32 by bf16 rounding, not by more), the logits come back float32 and
+    the input gradient flows; an unknown dtype is refused with the allowed values."""
+    from pdquant_fast.config import QuantConfigError
+
+    x = cifar[0][:16]
+    cfg32 = make_config("pdquant", preset="resnet")
+    cfg16 = make_config("pdquant", preset="resnet", pd_tail_dtype="bfloat16")
+    cal32 = Calibrator(resnet20, x, cfg32, log=None, progress=False)
+    cal16 = Calibrator(resnet20, x, cfg16, log=None, progress=False)
+    with torch.no_grad():
+        o = cal32.fp.get_submodule("unit_1")(cal32.fp_exec.run_between(cal32.fp, -1, x, 1))
+    o32, o16 = o.clone().requires_grad_(True), o.clone().requires_grad_(True)
+    z32, z16 = cal32._run_tail(1, o32), cal16._run_tail(1, o16)
+    assert z16.dtype == torch.float32
+    err = (z16 - z32).abs().max() / z32.abs().max()
+    assert 1e-4 < err < 0.05, err  # bf16 rounding is visible and small
+    assert (z16.argmax(1) == z32.argmax(1)).float().mean() >= 0.9
+    (g32,) = torch.autograd.grad(z32.logsumexp(1).sum(), o32)
+    (g16,) = torch.autograd.grad(z16.logsumexp(1).sum(), o16)
+    cos = torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0)
+    assert g16.dtype == torch.float32 and cos > 0.98, cos
+    with pytest.raises(QuantConfigError, match=r"pd_tail_dtype must be one of \['float32', "):
+        make_config("pdquant", preset="resnet", pd_tail_dtype="float16")
+
+
 def test_input_quantizer_calibrates_and_deploys_as_an_integer_stem(resnet20, cifar, tmp_path):
     """``input_a_bits=8``: an 8-bit quantizer named ``input`` on the image, first in unit 0,
     initialised and learned with unit 0 (PD-Quant W4A4, 3 iterations, real CIFAR images); the

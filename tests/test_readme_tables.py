@@ -287,9 +287,13 @@ def test_calibration_tables_take_the_newest_run_per_command_and_device():
     ]
     md = report.calibration_markdown(report.run_groups(rows)[0])
     assert (
-        "| resnet20 | pdquant | W2A4 | 60 | 1 | cpp | 600 | 200 | 320 | 68.1 | 1.3× | 2.0× |"
-        " 923/1000 |" in md
+        "| resnet20 | pdquant | W2A4 | 60 | 1 | cpp | float32 | 600 | – | 200 | 320 | 68.1 | 1.3× "
+        "| 2.0× | 923/1000 |" in md
     )
+    # rows with the DC time and the PD tail's dtype (bench_calibration.py from 2026-11-26 on)
+    rows[1].update(dc_s=30.0, pd_tail_dtype="bfloat16")
+    md = report.calibration_markdown(report.run_groups(rows)[0])
+    assert "| cpp | bfloat16 | 600 | 30.0 | 200 | 320 |" in md
 
 
 # ----------------------------------------------------------------------------- GPU deployment
