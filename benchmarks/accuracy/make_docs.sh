@@ -17,6 +17,11 @@ if has_runs $R/resnet20_long; then
         --title "ResNet-20 / CIFAR-10 W2A4: QDrop vs PD-Quant with more iterations" \
         --cmp-method pdquant pdquant-lambr1 > /dev/null
 fi
+if has_runs $R/resnet20_bf16_tail; then
+    python3 $T $R/resnet20_bf16_tail --out docs/accuracy/resnet20_bf16_tail.md \
+        --title "ResNet-20 / CIFAR-10: PD-Quant with the PD tail in bfloat16" \
+        --ref-method pdquant --cmp-method pdquant-bf16 > /dev/null
+fi
 if has_runs $R/efficientnet; then
     python3 $T $R/efficientnet --out docs/accuracy/efficientnet_lite0.md \
         --title "EfficientNet-Lite0 / ImageNet subsets: QDrop vs PD-Quant" > /dev/null
