@@ -107,6 +107,11 @@ CONV_SHAPES = [
     (1, 5, 34, 33, 9, 3, 1, 1, 1),
     (2, 6, 12, 36, 8, 5, 1, 2, 1),
     (1, 300, 3, 3, 20, 1, 1, 0, 1),
+    # dense kernel rows (Cg < 4, KW > 1): no padding on channels_last input (the buffer is still
+    # copied: rows read 3 bytes past the last pixel), KW * Cg a multiple of 4, wide stems
+    (2, 3, 9, 9, 20, 3, 1, 0, 1),
+    (1, 2, 7, 8, 5, 2, 1, 0, 1),
+    (2, 1, 12, 11, 33, 5, 3, 2, 1),
 ]
 
 
@@ -194,6 +199,22 @@ def test_qconv2d_shifted_int8_weights(isa):
     w[5, 0, 0, 0], w[5, 0, 0, 1] = -128, 128
     assert _C.qconv2d_prepack_cpu(w, 1).int16 and not _C.qconv2d_prepack_cpu(w, 1).shifted
     assert _C.qconv2d_prepack_cpu(_weights(g, (16, 4, 3, 3), 8), 2).int16
+
+
+def test_qconv2d_dense_rows_are_chosen_for_shallow_inputs_only():
+    """Kernel rows packed densely as (kw, c) exactly for one group, int8 panels, fewer than 4
+    input channels and a kernel wider than 1 (the 3-channel stems); the shifted 8-bit stem too."""
+    g = torch.Generator().manual_seed(5)
+    dense = lambda w, groups=1: _C.qconv2d_prepack_cpu(w, groups).dense_rows  # noqa: E731
+    assert dense(_weights(g, (64, 3, 7, 7), 4))
+    assert dense(_weights(g, (64, 3, 7, 7), 8))  # shifted int8
+    assert dense(_weights(g, (8, 1, 3, 3), 2))
+    assert not dense(_weights(g, (8, 4, 3, 3), 4))  # 4 channels fill a group already
+    assert not dense(_weights(g, (8, 3, 1, 1), 4))  # one tap per row
+    assert not dense(_weights(g, (6, 1, 3, 3), 4), 2)  # groups
+    w = _weights(g, (8, 3, 3, 3), 8)
+    w[0, 0, 0, 0], w[0, 0, 0, 1] = -200, 200  # spans > 256: the int16 kernel, no dense rows
+    assert not dense(w)
 
 
 @pytest.mark.parametrize("isa", ISAS)

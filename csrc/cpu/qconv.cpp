@@ -62,7 +62,12 @@ struct PackedConv {
   bool depthwise = false;
   KMode mode = KMode::kU8S8;
   int64_t cpg = 0;      // padded channels per group in the NHWC activation buffer (elements)
-  int64_t cgroups = 0;  // 4-byte groups per tap
+  int64_t cgroups = 0;  // 4-byte groups per tap (dense: per kernel row)
+  // Dense kernel rows (one group, int8 panel, Cg < 4, KW > 1: the 3-channel stems): the buffer
+  // holds exactly Cg channels per pixel and the panel orders k = (kw, c) densely within each
+  // kernel row, ceil(KW * Cg / 4) groups of 4 bytes per row instead of KW groups of 4 (ResNet's
+  // 7x7 stem: 6 instead of 7; the 3 bytes after a row's last tap meet zero weights).
+  bool dense = false;
   std::vector<int> sb;  // superblock sizes (blocks of 16 channels), the same for every group
   std::vector<int64_t> sb_block0;  // first block of each superblock
   std::vector<int64_t> sb_off;     // byte offset of each superblock in a group's panel
@@ -207,13 +212,19 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
   const int64_t per = pk->mode == KMode::kU8S8 ? 4 : 2;  // channels per 4-byte group
   pk->cpg = round_up(pk->Cg, per);
   pk->cgroups = pk->cpg / per;
+  pk->dense = groups == 1 && per == 4 && pk->Cg < 4 && pk->KW > 1;
+  if (pk->dense) {
+    pk->cpg = pk->Cg;
+    pk->cgroups = (pk->KW * pk->Cg + 3) / 4;
+  }
+  const int64_t ptaps = pk->dense ? pk->KH : ntaps;  // taps of the panel (dense: kernel rows)
   const int64_t nblocks = (pk->Og + kBlock - 1) / kBlock;
   pk->sb = superblocks(nblocks);
   int64_t off = 0, b0 = 0;
   for (int s : pk->sb) {
     pk->sb_block0.push_back(b0);
     pk->sb_off.push_back(off);
-    off += ntaps * pk->cgroups * 64 * s;
+    off += ptaps * pk->cgroups * 64 * s;
     b0 += s;
   }
   pk->group_bytes = off;
@@ -223,17 +234,23 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
     for (size_t s = 0; s < pk->sb.size(); ++s) {
       int8_t* dst = panel + g * off + pk->sb_off[s];
       const int jb = pk->sb[s];
-      for (int64_t t = 0; t < ntaps; ++t)
+      for (int64_t t = 0; t < ptaps; ++t)
         for (int64_t cgi = 0; cgi < pk->cgroups; ++cgi)
           for (int j = 0; j < jb; ++j)
             for (int oo = 0; oo < kBlock; ++oo) {
               const int64_t og = (pk->sb_block0[s] + j) * kBlock + oo;  // channel in group
               int8_t* d = dst + ((t * pk->cgroups + cgi) * jb + j) * 64 + oo * 4;
               for (int e = 0; e < per; ++e) {
-                const int64_t c = cgi * per + e;
-                const int32_t v = (og < pk->Og && c < pk->Cg)
-                                      ? wp[((g * pk->Og + og) * pk->Cg + c) * ntaps + t]
-                                      : 0;
+                int32_t v = 0;
+                if (pk->dense) {  // t = kh; k = kw * Cg + c within the row
+                  const int64_t k = cgi * 4 + e, kw = k / pk->Cg, c = k % pk->Cg;
+                  if (og < pk->Og && kw < pk->KW)
+                    v = wp[(og * pk->Cg + c) * ntaps + t * pk->KW + kw];
+                } else {
+                  const int64_t c = cgi * per + e;
+                  if (og < pk->Og && c < pk->Cg)
+                    v = wp[((g * pk->Og + og) * pk->Cg + c) * ntaps + t];
+                }
                 if (per == 4) {
                   d[e] = static_cast<int8_t>(v);
                 } else {
@@ -767,10 +784,11 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const int64_t ct = groups * pk.cpg;  // elements per buffer pixel
   const uint8_t* xp;
   at::Tensor buf;
-  if (nhwc && ph == 0 && pw == 0 && !s16 && ct == C) {
+  if (nhwc && ph == 0 && pw == 0 && !s16 && ct == C && !pk.dense) {
     xp = x.data_ptr<uint8_t>();  // channels_last, no padding, C % 4 == 0: use x directly
   } else {
-    buf = at::empty({N * Hp * Wp * ct * elem}, at::kByte);
+    // dense rows read up to 3 bytes past the last pixel (zero weights): slack after the buffer
+    buf = at::empty({N * Hp * Wp * ct * elem + (pk.dense ? 64 : 0)}, at::kByte);
     uint8_t* bp = buf.data_ptr<uint8_t>();
     const uint8_t* xs = x.data_ptr<uint8_t>();
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
@@ -817,7 +835,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // channels each) and in the panel's k order (kh, kw, c): one "tap" per kernel row then.
   const bool merge_kw = groups == 1;
   const int64_t ntap_eff = merge_kw ? pk.KH : ntaps;
-  const int64_t cgroups_eff = merge_kw ? pk.cgroups * pk.KW : pk.cgroups;
+  const int64_t cgroups_eff = pk.dense ? pk.cgroups : merge_kw ? pk.cgroups * pk.KW : pk.cgroups;
   std::vector<int64_t> toff(ntaps);
   for (int64_t kh = 0; kh < pk.KH; ++kh)
     for (int64_t kw = 0; kw < pk.KW; ++kw) toff[kh * pk.KW + kw] = (kh * Wp + kw) * ct * elem;
@@ -899,6 +917,7 @@ void register_qconv(pybind11::module_& m) {
       .def_readonly("depthwise", &PackedConv::depthwise)
       .def_property_readonly("int16", [](const PackedConv& p) { return p.mode == KMode::kS16; })
       .def_property_readonly("shifted", [](const PackedConv& p) { return p.off.defined(); })
+      .def_readonly("dense_rows", &PackedConv::dense)
       .def_property_readonly("nbytes", &PackedConv::nbytes)
       .def("__repr__", [](const PackedConv& p) {
         return "QConvPackedCpu(O=" + std::to_string(p.O) + ", C/g=" + std::to_string(p.Cg) +
