@@ -181,8 +181,10 @@ def calibration_block(root: Path) -> str:
         (
             "calibration.jsonl",
             "A whole calibration",
-            "A whole calibration, run twice in one process with the same seed: every quantizer "
-            "op on the reference backend, then on the default (fastest available) one. "
+            "A whole calibration, run in one process with the same seed: every quantizer "
+            "op on the reference backend, then on the default (fastest available) one, and "
+            "(runs from 2026-11-26 on, the PD tail column) the default with the PD tail in "
+            "bfloat16. DC s: distribution correction. "
             "Reconstruction s: the optimisation iterations alone; the last column: test images "
             "on which the model predicts the same class as the reference run's.",
             report.calibration_markdown,
