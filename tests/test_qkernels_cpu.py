@@ -201,6 +201,27 @@ def test_qconv2d_shifted_int8_weights(isa):
     assert _C.qconv2d_prepack_cpu(_weights(g, (16, 4, 3, 3), 8), 2).int16
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_qconv2d_threads_split_images_and_tiles_exactly(threads):
+    """Threads take ranges of (superblock, image, tile) items, so a thread can start or stop
+    inside an image and several threads pad the same image into their own buffers (one weight
+    panel: <= 48 output channels) or share the batch copy (more): exact either way."""
+    g = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for o, cl, s, p in (
+            (16, True, 1, 1),
+            (40, False, 1, 1),
+            (100, True, 2, 1),
+            (17, True, 1, 0),
+        ):
+            x, args, ref = _conv_case(g, 7, 16, 9, 11, o, 3, s, p, 1, 4, 4, 1, True, 4, cl)
+            assert torch.equal(_C.qconv2d_cpu(x, *args), ref), (threads, o, cl, s, p)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_qconv2d_dense_rows_are_chosen_for_shallow_inputs_only():
     """Kernel rows packed densely as (kw, c) exactly for one group, int8 panels, fewer than 4
     input channels and a kernel wider than 1 (the 3-channel stems); the shifted 8-bit stem too."""

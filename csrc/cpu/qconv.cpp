@@ -25,7 +25,9 @@
 //     interleaved per dword over the padded plane, 16 consecutive outputs per zmm, weights
 //     broadcast; writes NCHW rows directly (nchw_gemm_t).
 //   * NHWC implicit GEMM (everything else with C/groups > 1): a zero-point-padded NHWC copy of
-//     x (skipped for channels_last x with no padding and C % 4 == 0). Rows = 16 output pixels
+//     x (skipped for channels_last x with no padding and C % 4 == 0; made image by image into a
+//     per-thread buffer, just before that image's tiles, when one weight panel covers every
+//     output channel). Rows = 16 output pixels
 //     (two 8-row micro-kernel calls), columns = a superblock of up to 48 output channels,
 //     reduction = taps x channel groups, weights prepacked into [kgroup][16 ch][4] panels
 //     (qgemm.h). Any kernel size and stride. The epilogue writes NHWC directly or NCHW through
@@ -782,15 +784,25 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const bool s16 = pk.mode == KMode::kS16;
   const int64_t elem = s16 ? 2 : 1;
   const int64_t ct = groups * pk.cpg;  // elements per buffer pixel
-  const uint8_t* xp;
+  const uint8_t* xp = nullptr;
   at::Tensor buf;
-  if (nhwc && ph == 0 && pw == 0 && !s16 && ct == C && !pk.dense) {
-    xp = x.data_ptr<uint8_t>();  // channels_last, no padding, C % 4 == 0: use x directly
-  } else {
-    // dense rows read up to 3 bytes past the last pixel (zero weights): slack after the buffer
-    buf = at::empty({N * Hp * Wp * ct * elem + (pk.dense ? 64 : 0)}, at::kByte);
+  const int64_t nsb = static_cast<int64_t>(pk.sb.size());
+  const int64_t img_bytes = Hp * Wp * ct * elem;
+  const int64_t slack = pk.dense ? 64 : 0;  // dense rows read up to 3 bytes past the last pixel
+  const uint8_t* xs = x.data_ptr<uint8_t>();
+  const bool direct = nhwc && ph == 0 && pw == 0 && !s16 && ct == C && !pk.dense;
+  // Per-image padding: with one weight panel (one group, one superblock: <= 48 output channels)
+  // the tiles run image after image, so each thread pads the image it is about to work on into
+  // its own small buffer (L2-resident for CIFAR/ImageNet-body sizes) instead of padding the whole
+  // batch first: the batch crosses memory once instead of three times (read x, write the padded
+  // copy, read it back). Shifted 8-bit weights need the per-pixel sums of the whole padded batch
+  // below, so they keep the batch copy.
+  const bool per_image = !direct && groups == 1 && nsb == 1 && !s16 && !pk.off.defined();
+  if (direct) {
+    xp = xs;  // channels_last, no padding, C % 4 == 0: use x directly
+  } else if (!per_image) {
+    buf = at::empty({N * img_bytes + slack}, at::kByte);
     uint8_t* bp = buf.data_ptr<uint8_t>();
-    const uint8_t* xs = x.data_ptr<uint8_t>();
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
       for (int64_t n = b; n < en; ++n)
         pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, pk.Cg, pk.cpg, ct,
@@ -841,7 +853,6 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     for (int64_t kw = 0; kw < pk.KW; ++kw) toff[kh * pk.KW + kw] = (kh * Wp + kw) * ct * elem;
   if (merge_kw)
     for (int64_t kh = 0; kh < pk.KH; ++kh) toff[kh] = kh * Wp * ct * elem;
-  const int64_t nsb = static_cast<int64_t>(pk.sb.size());
   const int8_t* panel = pk.panel.data_ptr<int8_t>();
   const bool wide = pk.max_abs_w > 64;
   constexpr int64_t ldc = kBlock * kMaxJB;
@@ -850,6 +861,8 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   at::parallel_for(0, groups * nsb * N * ntiles, 1, [&](int64_t b, int64_t en) {
     alignas(64) int32_t cbuf[kTileRows * ldc];
     const uint8_t* rowp[kTileRows];
+    std::vector<uint8_t> scratch(per_image ? img_bytes + slack : 0);
+    int64_t padded = -1;  // the image in scratch
     for (int64_t it = b; it < en; ++it) {
       const int64_t tile = it % ntiles;
       const int64_t n = (it / ntiles) % N;
@@ -857,8 +870,19 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       const int64_t g = it / (ntiles * N * nsb);
       const int64_t p0 = tile * kTileRows;
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, P - p0));
+      const uint8_t* img;
+      if (per_image) {
+        if (padded != n) {
+          pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, pk.Cg, pk.cpg, ct,
+                      static_cast<uint8_t>(x_zp), false, scratch.data());
+          padded = n;
+        }
+        img = scratch.data();
+      } else {
+        img = xp + n * img_bytes;
+      }
       row_pointers(rowp, rows, p0, Wo, [&](int64_t oh, int64_t ow) {
-        return xp + (((n * Hp + oh * sh) * Wp + ow * sw) * ct + g * pk.cpg) * elem;
+        return img + ((oh * sh * Wp + ow * sw) * ct + g * pk.cpg) * elem;
       });
       UkArgs u;
       u.toff = toff.data();
