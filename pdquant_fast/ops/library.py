@@ -51,15 +51,28 @@ class OpInputError(ValueError):
     """An op was called with a tensor or argument it does not accept."""
 
 
-def _check_tensor(name: str, t: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+def _check_tensor(
+    name: str,
+    t: Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    channels_last_ok: bool = False,
+) -> None:
+    """``t`` a contiguous tensor of ``dtype`` on ``device`` (or, with ``channels_last_ok``, a
+    4-d channels_last one)."""
     if not isinstance(t, Tensor):
         raise OpInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
         raise OpInputError(f"{name} must be {dtype}, got {t.dtype}")
     if t.device != device:
         raise OpInputError(f"{name} is on {t.device} but the input is on {device}; use one device")
-    if not t.is_contiguous():
-        raise OpInputError(f"{name} must be contiguous (call .contiguous() first)")
+    if t.is_contiguous():
+        return
+    if channels_last_ok:
+        if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+            return
+        raise OpInputError(f"{name} must be contiguous (call .contiguous() first) or channels_last")
+    raise OpInputError(f"{name} must be contiguous (call .contiguous() first)")
 
 
 def _check_bits(bits: int) -> None:
@@ -361,16 +374,9 @@ def _(x, bits, steps):
 
 def _check_dense4(name: str, t: Tensor, device: torch.device) -> None:
     """A float32 ``[B, C, H, W]`` tensor on ``device``, contiguous or channels_last."""
-    if not isinstance(t, Tensor):
-        raise OpInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise OpInputError(f"{name} must be torch.float32, got {t.dtype}")
-    if t.device != device:
-        raise OpInputError(f"{name} is on {t.device} but the input is on {device}; use one device")
+    _check_tensor(name, t, torch.float32, device, channels_last_ok=True)
     if t.dim() != 4:
         raise OpInputError(f"{name} must be 4-d [B, C, H, W], got shape {tuple(t.shape)}")
-    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-        raise OpInputError(f"{name} must be contiguous (call .contiguous() first) or channels_last")
 
 
 def _check_bn_stat(x: Tensor, mean: Tensor, std: Tensor) -> None:
