@@ -2,7 +2,7 @@
 against the engine's, in one process.
 
 * ``plain``: the batched official-semantics loop as the engine ran it before the DC kernels
-  (git c1457ed, kept verbatim below as :func:`plain_distribution_correction`): NCHW, every BN's
+  (git c1457ed, kept below as :func:`plain_distribution_correction`): NCHW, every BN's
   statistics through ``Tensor.var``, the forward run to the end of the unit, the closeness term
   and Adam as eager PyTorch ops under autograd;
 * ``engine-reference``: :func:`pdquant_fast.engine.distribution_correction` with every op forced
@@ -44,7 +44,7 @@ from benchmarks.common import record  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.config import make_config  # noqa: E402
 from pdquant_fast.data import open_image_source  # noqa: E402
-from pdquant_fast.engine import distribution_correction  # noqa: E402
+from pdquant_fast.engine import distribution_correction, reduce_lr_on_plateau  # noqa: E402
 from pdquant_fast.graph import UnitExecutor, build_unit_model  # noqa: E402
 from pdquant_fast.models.registry import build_model  # noqa: E402
 
@@ -62,7 +62,9 @@ def _plain_stat_loss(acts, bns):
 
 
 def plain_distribution_correction(fp_unit, x_fp, cfg):
-    """The engine's DC loop before the DC kernels (git c1457ed), unchanged."""
+    """The engine's DC loop before the DC kernels (git c1457ed), unchanged but for the
+    plateau rule, which calls the engine's :func:`reduce_lr_on_plateau` (the same operations,
+    on [groups]-sized tensors)."""
     bns = [m for m in fp_unit.modules() if isinstance(m, nn.BatchNorm2d)]
     captured = []
     hooks = [bn.register_forward_hook(lambda m, i, o: captured.append(i[0])) for bn in bns]
@@ -104,13 +106,7 @@ def plain_distribution_correction(fp_unit, x_fp, cfg):
                     denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
                     step = (lr[gid] / bc1).reshape(bshape)
                     x = x - step * m / denom
-                    better = group_loss < best * (1 - 1e-4)
-                    best = torch.where(better, group_loss, best)
-                    bad = torch.where(better, torch.zeros_like(bad), bad + 1)
-                    reduce = bad > 100
-                    new_lr = torch.clamp(lr * 0.1, min=1e-5)
-                    lr = torch.where(reduce & (lr - new_lr > 1e-8), new_lr, lr)
-                    bad = torch.where(reduce, torch.zeros_like(bad), bad)
+                    best, bad, lr = reduce_lr_on_plateau(group_loss, best, bad, lr)
             with torch.no_grad():
                 captured.clear()
                 fp_unit(x)

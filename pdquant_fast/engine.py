@@ -84,20 +84,41 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int
     return torch.cat([fn(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
 
 
-def bn_stat_loss_per_sample(acts: list[torch.Tensor], bns: list[nn.Module]) -> torch.Tensor:
+def bn_targets(bns: list[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each BN's DC targets: its running mean and ``sqrt(running_var + 1e-6)`` (spec §3)."""
+    return [(bn.running_mean.contiguous(), torch.sqrt(bn.running_var + 1e-6)) for bn in bns]
+
+
+def bn_stat_loss_per_sample(
+    acts: list[torch.Tensor], targets: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """Per-sample DC statistic loss: sum over BNs and channels of the squared mean/std gaps.
 
-    ``acts[j]`` is the input ``[B, C, H, W]`` of ``bns[j]``; per-sample, per-channel mean and
-    unbiased std (``sqrt(var + 1e-6)``) over H*W against the running mean and
-    ``sqrt(running_var + 1e-6)`` (spec §3), through the ``bn_stat_loss`` op (one pass per BN
-    with the C++ kernel; the reference is the plain ``mean``/``var`` formula). Returns ``[B]``.
+    ``acts[j]`` is the input ``[B, C, H, W]`` of BN ``j`` and ``targets[j]`` its
+    :func:`bn_targets`; per-sample, per-channel mean and unbiased std (``sqrt(var + 1e-6)``)
+    over H*W against them (spec §3), through the ``bn_stat_loss`` op (one pass per BN with the
+    C++ kernel; the reference is the plain ``mean``/``var`` formula). Returns ``[B]``.
     """
     total = None
-    for a, bn in zip(acts, bns, strict=True):
-        sig = torch.sqrt(bn.running_var + 1e-6)
-        term = ops.bn_stat_loss(a, bn.running_mean.contiguous(), sig)[0]
+    for a, (mean, std) in zip(acts, targets, strict=True):
+        term = ops.bn_stat_loss(a, mean, std)[0]
         total = term if total is None else total + term
     return total
+
+
+def reduce_lr_on_plateau(
+    group_loss: torch.Tensor, best: torch.Tensor, bad: torch.Tensor, lr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of ReduceLROnPlateau(mode=min, factor=0.1, patience=100, threshold=1e-4 rel,
+    min_lr=1e-5) for every DC group at once: returns the new ``(best, bad, lr)``."""
+    better = group_loss < best * (1 - 1e-4)
+    best = torch.where(better, group_loss, best)
+    bad = torch.where(better, torch.zeros_like(bad), bad + 1)
+    reduce = bad > 100
+    new_lr = torch.clamp(lr * 0.1, min=1e-5)
+    lr = torch.where(reduce & (lr - new_lr > 1e-8), new_lr, lr)
+    bad = torch.where(reduce, torch.zeros_like(bad), bad)
+    return best, bad, lr
 
 
 def _bn_inputs(fp_unit: nn.Module, bns: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
@@ -146,15 +167,21 @@ def distribution_correction(
     bns = [m for m in fp_unit.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns or cfg.dc_iters == 0:
         return x_fp, None, None
+    if x_fp.dim() != 4:
+        raise ValueError(
+            "distribution correction needs 4-d unit inputs [N, C, H, W] (a unit with "
+            f"BatchNorm2d), got shape {tuple(x_fp.shape)}"
+        )
     if out is None:
         out = torch.empty_like(x_fp)
     before, after = [], []
     b1, b2, eps = 0.9, 0.999, 1e-8
+    targets = bn_targets(bns)
     # Channels-last on CPU: oneDNN's convolutions on a 16-channel unit run 1.7x (forward) and
     # 1.5x (backward) faster than on NCHW, and the DC kernels take either layout (KERNELS.md).
-    fmt = torch.channels_last if x_fp.dim() == 4 and x_fp.device.type == "cpu" else None
+    fmt = torch.channels_last if x_fp.device.type == "cpu" else None
     dev = x_fp.device  # every per-sample / per-group tensor lives with the images
-    hw = x_fp.shape[2] * x_fp.shape[3] if x_fp.dim() == 4 else 1
+    hw = x_fp.shape[2] * x_fp.shape[3]
     for s in range(0, x_fp.shape[0], cfg.dc_batch):
         x0 = x_fp[s : s + cfg.dc_batch]
         if fmt is not None:
@@ -175,7 +202,7 @@ def distribution_correction(
         bad = torch.zeros(ng, dtype=torch.long, device=dev)
         for t in range(1, cfg.dc_iters + 1):
             x.requires_grad_(True)
-            lbn = bn_stat_loss_per_sample(_bn_inputs(fp_unit, bns, x), bns)
+            lbn = bn_stat_loss_per_sample(_bn_inputs(fp_unit, bns, x), targets)
             (g,) = torch.autograd.grad((lbn * inv).sum(), x)
             with torch.no_grad():
                 x = x.detach()
@@ -191,16 +218,9 @@ def distribution_correction(
                 )
                 per_sample = (lbn + close / cfg.lamb_c) * inv
                 group_loss = torch.zeros(ng, device=dev).index_add(0, gid, per_sample)
-                # ReduceLROnPlateau(mode=min, factor=0.1, patience=100, threshold=1e-4 rel)
-                better = group_loss < best * (1 - 1e-4)
-                best = torch.where(better, group_loss, best)
-                bad = torch.where(better, torch.zeros_like(bad), bad + 1)
-                reduce = bad > 100
-                new_lr = torch.clamp(lr * 0.1, min=1e-5)
-                lr = torch.where(reduce & (lr - new_lr > 1e-8), new_lr, lr)
-                bad = torch.where(reduce, torch.zeros_like(bad), bad)
+                best, bad, lr = reduce_lr_on_plateau(group_loss, best, bad, lr)
         with torch.no_grad():
-            after.append(bn_stat_loss_per_sample(_bn_inputs(fp_unit, bns, x), bns))
+            after.append(bn_stat_loss_per_sample(_bn_inputs(fp_unit, bns, x), targets))
         out[s : s + nb] = x
     return out, float(torch.cat(before).mean()), float(torch.cat(after).mean())
 
