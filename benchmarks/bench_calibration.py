@@ -30,12 +30,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import record  # noqa: E402
+from benchmarks.common import record, resnet20_cifar  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.api import quantize  # noqa: E402
-from pdquant_fast.data import open_image_source  # noqa: E402
 from pdquant_fast.engine import evaluate  # noqa: E402
-from pdquant_fast.models.registry import build_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -59,13 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    model, _ = build_model(
-        "cifar_resnet20", data / "cifar10/models/akamaster_resnet/resnet20-12fca82f.th"
-    )
-    folder = data / "cifar10/convnetjs_png"
-    train = open_image_source(folder, "cifar", split="train")
-    test = open_image_source(folder, "cifar", split="test")
+    model, train, test = resnet20_cifar(args.data, "train", "test")
     xc = torch.stack([train[i][0] for i in range(args.calib)])
     xt = torch.stack([test[i][0] for i in range(1000)])
     yt = torch.tensor([test[i][1] for i in range(1000)])

@@ -40,13 +40,11 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import record  # noqa: E402
+from benchmarks.common import record, resnet20_cifar  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.config import make_config  # noqa: E402
-from pdquant_fast.data import open_image_source  # noqa: E402
 from pdquant_fast.engine import distribution_correction, reduce_lr_on_plateau  # noqa: E402
 from pdquant_fast.graph import UnitExecutor, build_unit_model  # noqa: E402
-from pdquant_fast.models.registry import build_model  # noqa: E402
 
 
 def _plain_stat_loss(acts, bns):
@@ -130,11 +128,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    model, _ = build_model(
-        "cifar_resnet20", data / "cifar10/models/akamaster_resnet/resnet20-12fca82f.th"
-    )
-    train = open_image_source(data / "cifar10/convnetjs_png", "cifar", split="train")
+    model, train = resnet20_cifar(args.data, "train")
     xc = torch.stack([train[i][0] for i in range(args.images)])
     top, _ = build_unit_model(model.eval())
     top.requires_grad_(False)

@@ -10,6 +10,7 @@ Every ``benchmarks/bench_*.py`` uses it so that all numbers are taken the same w
 * :func:`hardware` gives the limits used for "fraction of the hardware limit": CPU memory
   bandwidth measured in the same run (a large ``copy_``, bytes read + written), GPU HBM peak from
   the card's name (H100 SXM 3.35 TB/s, H200 4.8 TB/s; KERNEL_ANCHORS.md §4).
+* :func:`resnet20_cifar` loads ResNet-20 and CIFAR-10 image sources from the shared data.
 * :func:`record` appends rows (with device name, versions, git SHA, timestamp, command) to
   ``benchmarks/results/<suite>.jsonl`` and prints a table.
 """
@@ -213,6 +214,21 @@ def environment(device: str = "cpu") -> dict:
         # PyTorch's CPU allocator on huge pages (docs/KERNELS.md: large activations)
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
+
+
+def resnet20_cifar(data: Path | str, *splits: str):
+    """``(model, source, ...)``: ResNet-20 with akamaster's CIFAR-10 weights and the lossless
+    CIFAR-10 image source of each split in ``splits`` ("train", "test"), from the shared data
+    folder ``data``."""
+    from pdquant_fast.data import open_image_source
+    from pdquant_fast.models.registry import build_model
+
+    data = Path(data)
+    model, _ = build_model(
+        "cifar_resnet20", data / "cifar10/models/akamaster_resnet/resnet20-12fca82f.th"
+    )
+    folder = data / "cifar10/convnetjs_png"
+    return (model, *(open_image_source(folder, "cifar", split=sp) for sp in splits))
 
 
 def record(
