@@ -17,12 +17,43 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from pdquant_fast import ops
 from pdquant_fast.ops import reference as R
 
 RAGGED = (1, 7, 127, 4097)
 BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def calib_isas(C) -> list[str]:
+    """The SIMD paths of the C++ calibration kernels (extension module ``C``) this CPU runs,
+    best first."""
+    out = []
+    for isa in ("avx512", "avx2", "scalar"):
+        try:
+            C.calib_cpu_isa(isa)
+            out.append(isa)
+        except (RuntimeError, ValueError):
+            pass
+    C.calib_cpu_isa("auto")
+    return out
+
+
+def isa_fixture(C):
+    """A fixture over :func:`calib_isas`: pins one SIMD path and forces the cpp backend for the
+    test (``isa = isa_fixture(_C)`` at module level)."""
+
+    @pytest.fixture(params=calib_isas(C))
+    def isa(request):
+        C.calib_cpu_isa(request.param)
+        ops.force("cpp")
+        yield request.param
+        ops.force(None)
+        C.calib_cpu_isa("auto")
+
+    return isa
 
 
 def assert_bit_exact(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:

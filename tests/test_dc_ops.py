@@ -17,37 +17,25 @@ Budgets:
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pdquant_fast import ops
-from pdquant_fast.ops import reference as R
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _calib_cases import isa_fixture  # noqa: E402
+
+from pdquant_fast import ops  # noqa: E402
+from pdquant_fast.ops import reference as R  # noqa: E402
 
 _C = pytest.importorskip("pdquant_fast._C", reason="C++ extension pdquant_fast._C not built")
 if not hasattr(_C, "dc_adam_step_cpu"):
     pytest.skip("pdquant_fast._C lacks the DC kernels (rebuild)", allow_module_level=True)
 
 
-def _isas() -> list[str]:
-    out = []
-    for isa in ("avx512", "avx2", "scalar"):
-        try:
-            _C.calib_cpu_isa(isa)
-            out.append(isa)
-        except (RuntimeError, ValueError):
-            pass
-    _C.calib_cpu_isa("auto")
-    return out
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    _C.calib_cpu_isa(request.param)
-    ops.force("cpp")
-    yield request.param
-    ops.force(None)
-    _C.calib_cpu_isa("auto")
+isa = isa_fixture(_C)  # pins one SIMD path and forces the cpp backend for the test
 
 
 SHAPES = [(2, 3, 4, 5), (3, 17, 7, 9), (1, 1, 1, 2), (4, 16, 32, 32), (2, 33, 3, 1), (5, 7, 2, 2)]

@@ -34,10 +34,12 @@ from _calib_cases import (  # noqa: E402
     adaround_inputs,
     assert_bit_exact,
     assert_sum_budget,
+    calib_isas,
     check_fake_quant,
     check_mse,
     fq_grad_terms_abs_sum,
     fq_inputs,
+    isa_fixture,
     mse_rows_not_worse,
     ulp32,
 )
@@ -60,29 +62,8 @@ if _missing:
     pytest.skip(f"pdquant_fast._C lacks {_missing}", allow_module_level=True)
 
 
-def _isas() -> list[str]:
-    out = []
-    for isa in ("avx512", "avx2", "scalar"):
-        try:
-            _C.calib_cpu_isa(isa)
-            out.append(isa)
-        except (RuntimeError, ValueError):
-            pass
-    _C.calib_cpu_isa("auto")
-    return out
-
-
-ISAS = _isas()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Pins one SIMD path and forces the cpp backend for the test."""
-    _C.calib_cpu_isa(request.param)
-    ops.force("cpp")
-    yield request.param
-    ops.force(None)
-    _C.calib_cpu_isa("auto")
+ISAS = calib_isas(_C)
+isa = isa_fixture(_C)  # pins one SIMD path and forces the cpp backend for the test
 
 
 @pytest.fixture
