@@ -8,7 +8,8 @@ order); for zero point ``z = 0..n`` the candidate scores
 
 Two kernels, no atomics, deterministic:
 
-1. grid ``(C, steps)``: program ``(c, i)`` computes the row's range, then scores all ``n + 1``
+1. grid ``(C, steps)``: program ``(c, i)`` computes the row's range (or loads the given bounds
+   ``x_min[c]``, ``x_max[c]``, which contain the row), then scores all ``n + 1``
    zero points of range ``i`` as a ``[BLOCK_Z, BLOCK_K]`` tile per step over ``K`` (the code
    ``round(x / d_i)`` is computed once per element and tile, each zero point only changes the
    clamp), fp32 lanes then a tree per zero point; it keeps the first zero point with the lowest
@@ -55,6 +56,17 @@ def _row_range(row_ptr, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _range_of(row_ptr, c, xmin_ptr, xmax_ptr, K, HAS_RANGE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The row's ``(min(x_min, 0), max(x_max, 0))``: the given bounds or the row's own."""
+    if HAS_RANGE:
+        lo = tl.minimum(tl.load(xmin_ptr + c), 0.0)
+        hi = tl.maximum(tl.load(xmax_ptr + c), 0.0)
+    else:
+        lo, hi = _row_range(row_ptr, K, BLOCK_K)
+    return lo, hi
+
+
+@triton.jit
 def _step(x_lo, x_hi, i, steps_f, n_f):
     """``(r_i, d_i)``: ``r_i = R * i / steps`` and ``d_i = max(r_i / n, 1e-8)``, float32."""
     rng = x_hi - x_lo
@@ -98,6 +110,8 @@ def _score_range(row, K, d, n_f, NZ: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_
 @triton.jit
 def _mse_range_kernel(
     x_ptr,
+    xmin_ptr,
+    xmax_ptr,
     score_ptr,
     zbest_ptr,
     K,
@@ -105,12 +119,13 @@ def _mse_range_kernel(
     steps_f,
     n_f,
     NZ: tl.constexpr,
+    HAS_RANGE: tl.constexpr,
     BLOCK_Z: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     c = tl.program_id(0)
     row = x_ptr + c.to(tl.int64) * K
-    x_lo, x_hi = _row_range(row, K, BLOCK_K)
+    x_lo, x_hi = _range_of(row, c, xmin_ptr, xmax_ptr, K, HAS_RANGE, BLOCK_K)
     for i in range(tl.program_id(1) + 1, steps + 1, tl.num_programs(1)):
         _, d = _step(x_lo, x_hi, i, steps_f, n_f)
         best_s, best_z = _score_range(row, K, d, n_f, NZ, BLOCK_Z, BLOCK_K)
@@ -121,6 +136,8 @@ def _mse_range_kernel(
 @triton.jit
 def _mse_pick_kernel(
     x_ptr,
+    xmin_ptr,
+    xmax_ptr,
     score_ptr,
     zbest_ptr,
     delta_ptr,
@@ -129,6 +146,7 @@ def _mse_pick_kernel(
     steps,
     steps_f,
     n_f,
+    HAS_RANGE: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -145,7 +163,7 @@ def _mse_pick_kernel(
         best_s = tl.where(better, s_min, best_s)
     found = best_s < float("inf")
     z = tl.load(zbest_ptr + c * steps + best_i).to(tl.float32)
-    x_lo, x_hi = _row_range(x_ptr + c.to(tl.int64) * K, K, BLOCK_K)
+    x_lo, x_hi = _range_of(x_ptr + c.to(tl.int64) * K, c, xmin_ptr, xmax_ptr, K, HAS_RANGE, BLOCK_K)
     r, d = _step(x_lo, x_hi, best_i + 1, steps_f, n_f)
     cand_min = -z * d
     cand_max = r + cand_min
@@ -162,16 +180,26 @@ def _mse_pick_kernel(
 
 
 def mse_search_2d_triton(
-    x: torch.Tensor, bits: int, steps: int
+    x: torch.Tensor,
+    bits: int,
+    steps: int,
+    x_min: torch.Tensor | None = None,
+    x_max: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(delta [C], zero_point [C])`` float32 for ``x`` float32 ``[C, K]`` (contiguous)."""
+    """``(delta [C], zero_point [C])`` float32 for ``x`` float32 ``[C, K]`` (contiguous);
+    ``x_min``/``x_max``: optional float32 ``[C]`` clip bounds (checked by the op)."""
     c, k = x.shape
+    has_range = x_min is not None
+    if not has_range:
+        x_min = x_max = x  # unread placeholders (HAS_RANGE is a constexpr)
     n = 2**bits - 1
     score = torch.empty((c, steps), dtype=torch.float32, device=x.device)
     zbest = torch.empty((c, steps), dtype=torch.int32, device=x.device)
     block_k = min(BLOCK_K, triton.next_power_of_2(k))
     _mse_range_kernel[(c, min(steps, 65535))](
         x,
+        x_min,
+        x_max,
         score,
         zbest,
         k,
@@ -179,6 +207,7 @@ def mse_search_2d_triton(
         float(steps),
         float(n),
         NZ=n + 1,
+        HAS_RANGE=has_range,
         BLOCK_Z=min(BLOCK_Z, n + 1),
         BLOCK_K=block_k,
         enable_fp_fusion=False,
@@ -187,6 +216,8 @@ def mse_search_2d_triton(
     zp = torch.empty(c, dtype=torch.float32, device=x.device)
     _mse_pick_kernel[(c,)](
         x,
+        x_min,
+        x_max,
         score,
         zbest,
         delta,
@@ -195,6 +226,7 @@ def mse_search_2d_triton(
         steps,
         float(steps),
         float(n),
+        HAS_RANGE=has_range,
         BLOCK_S=min(1024, triton.next_power_of_2(steps)),
         BLOCK_K=block_k,
         enable_fp_fusion=False,

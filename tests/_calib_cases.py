@@ -255,10 +255,26 @@ def mse_rows_not_worse(x, got, want, bits):
     return same | (s <= s_ref * (1 + 1e-5) + lp_score_floor64(x)), s, s_ref
 
 
-def check_mse(fn, c, k, bits, steps, device="cpu", gen_seed=0):
+def mse_bounds(x, gen_seed=0):
+    """``(x_min, x_max)`` ``[C]`` that contain each row of ``x`` and are wider than it on
+    random sides (the range of a whole tensor whose subsample is the row): 0 to 2 row spans
+    below the minimum and above the maximum, one row's bounds exactly its own extremes."""
+    g = torch.Generator().manual_seed(gen_seed + 1)
+    lo, hi = x.amin(dim=1).cpu(), x.amax(dim=1).cpu()
+    span = (hi - lo).clamp(min=1.0)
+    x_min = lo - span * 2 * torch.rand(x.shape[0], generator=g)
+    x_max = hi + span * 2 * torch.rand(x.shape[0], generator=g)
+    x_min[0], x_max[0] = lo[0], hi[0]
+    return x_min.to(x.device), x_max.to(x.device)
+
+
+def check_mse(fn, c, k, bits, steps, device="cpu", gen_seed=0, bounded=False):
+    """``fn(x, bits, steps[, x_min, x_max])`` (with ``bounded``: the clip range from
+    :func:`mse_bounds`) against the reference's choice, within the score budget."""
     x = mse_inputs(c, k, device, gen_seed)
-    delta, zp = fn(x, bits, steps)
-    d_ref, z_ref = R.mse_search_2d_reference(x.cpu(), bits, steps)
+    extra = mse_bounds(x, gen_seed) if bounded else ()
+    delta, zp = fn(x, bits, steps, *extra)
+    d_ref, z_ref = R.mse_search_2d_reference(x.cpu(), bits, steps, *(t.cpu() for t in extra))
     assert delta.shape == (c,) and zp.shape == (c,)
     assert delta.dtype == torch.float32 and zp.dtype == torch.float32
     assert torch.equal(zp, torch.round(zp)) and (zp >= 0).all() and (zp <= 2**bits - 1).all()

@@ -982,3 +982,38 @@ def test_op_per_tensor_zero_step_and_mse_search_nan():
     x[0, 0] = float("nan")
     with pytest.raises(OpInputError, match="x contains NaN or Inf; the search needs finite values"):
         ops.mse_search_2d(x, 4, 10)
+
+
+@pytest.mark.parametrize(
+    "x_min,x_max,match",
+    [
+        ("lo", None, "give both x_min and x_max"),
+        (None, "hi", "give both x_min and x_max"),
+        ("lo64", "hi", r"x_min must be torch.float32"),
+        ("short", "hi", r"x_min must have shape \[C\] = \(4,\)"),
+        ("lo", "hi2d", r"x_max must have shape \[C\]"),
+        ("nan", "hi", "x_min contains NaN or Inf"),
+        ("lo", "inf", "x_max contains NaN or Inf"),
+        ("inside", "hi", "must contain every element of their row"),
+        ("lo", "inside_hi", "must contain every element of their row"),
+    ],
+)
+def test_mse_search_bad_range(x_min, x_max, match):
+    """The optional clip range of ``mse_search_2d``: both or neither, float32 ``[C]``, finite,
+    containing its row; each mistake is named, none reaches a kernel."""
+    x = torch.randn(4, 6)
+    lo, hi = x.amin(dim=1) - 1, x.amax(dim=1) + 1
+    pick = {
+        None: None,
+        "lo": lo,
+        "hi": hi,
+        "lo64": lo.double(),
+        "short": lo[:3],
+        "hi2d": hi[None],
+        "nan": torch.where(torch.arange(4) == 2, float("nan"), lo),
+        "inf": torch.where(torch.arange(4) == 1, float("inf"), hi),
+        "inside": x.amin(dim=1) + 0.01,
+        "inside_hi": x.amax(dim=1) - 0.01,
+    }
+    with pytest.raises(OpInputError, match=match):
+        ops.mse_search_2d(x, 4, 10, pick[x_min], pick[x_max])

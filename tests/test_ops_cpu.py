@@ -40,6 +40,7 @@ from _calib_cases import (  # noqa: E402
     fq_grad_terms_abs_sum,
     fq_inputs,
     isa_fixture,
+    mse_inputs,
     mse_rows_not_worse,
     ulp32,
 )
@@ -381,13 +382,41 @@ def test_adaround_hard_exact(isa, shape, bits):
 # MSE search
 
 
-def _mse_public(x, bits, steps):
-    return ops.mse_search_2d(x, bits, steps)
+def _mse_public(x, bits, steps, x_min=None, x_max=None):
+    return ops.mse_search_2d(x, bits, steps, x_min, x_max)
 
 
 @pytest.mark.parametrize("bits", BITS)
 def test_mse_search_random_rows(isa, bits):
     check_mse(_mse_public, 5, 61, bits, 9, gen_seed=bits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_search_given_range(isa, bits):
+    """x_min/x_max wider than the rows (the per-tensor activation init: a subsample row, the
+    whole tensor's range): the range, not the row, sets R."""
+    check_mse(_mse_public, 5, 61, bits, 20, gen_seed=bits, bounded=True)
+    x = mse_inputs(3, 50, gen_seed=bits)
+    wide = ops.mse_search_2d(x, bits, 20, x.amin(dim=1) - 5.0, x.amax(dim=1) + 5.0)
+    assert not torch.equal(wide[0], ops.mse_search_2d(x, bits, 20)[0])
+
+
+def test_mse_search_given_range_long_row_split(cpp):
+    """One long row with a given range, ranges split over threads (the per-tensor init path)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 40_000, generator=g)
+    lo, hi = torch.tensor([-9.0]), torch.tensor([7.0])
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, old))
+        split = ops.mse_search_2d(x, 4, 100, lo, hi)
+        torch.set_num_threads(1)
+        rows = ops.mse_search_2d(x, 4, 100, lo, hi)
+    finally:
+        torch.set_num_threads(old)
+    assert_bit_exact(split[0], rows[0])
+    assert_bit_exact(split[1], rows[1])
+    _assert_scores_within(x, split, R.mse_search_2d_reference(x, 4, 100, lo, hi), 4, "split")
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -483,6 +512,10 @@ def test_opcheck_with_cpp_forced(cpp):
         ),
         (torch.ops.pdquant.adaround_hard.default, (wf, al, z, 4)),
         (torch.ops.pdquant.mse_search_2d.default, (torch.randn(3, 20), 4, 5)),
+        (
+            torch.ops.pdquant.mse_search_2d.default,
+            (torch.randn(3, 20), 4, 5, torch.full((3,), -9.0), torch.full((3,), 9.0)),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -510,6 +543,15 @@ def test_kernels_reject_what_they_rely_on():
         _C.mse_search_2d_cpu(torch.tensor([[1.0, math.nan]]), 4, 10)
     with pytest.raises(RuntimeError, match=r"\[C, K\]"):
         _C.mse_search_2d_cpu(torch.randn(8), 4, 10)
+    x = torch.randn(2, 10)
+    with pytest.raises(RuntimeError, match="both x_min and x_max"):
+        _C.mse_search_2d_cpu(x, 4, 10, torch.full((2,), -9.0), None)
+    with pytest.raises(RuntimeError, match=r"\[C\] = \[2\]"):
+        _C.mse_search_2d_cpu(x, 4, 10, torch.full((3,), -9.0), torch.full((3,), 9.0))
+    with pytest.raises(RuntimeError, match="must contain its row"):
+        _C.mse_search_2d_cpu(x, 4, 10, torch.zeros(2) + 0.5 * x.amin(1), x.amax(1))
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        _C.mse_search_2d_cpu(x, 4, 10, torch.full((2,), -math.inf), x.amax(1))
 
 
 # ------------------------------------------------------------------------------------------

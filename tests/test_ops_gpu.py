@@ -251,6 +251,12 @@ def test_mse_search_2d(backend, c, k, bits, steps):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("c,k,bits", [(5, 7, 2), (6, 4097, 4), (1, 65536, 8)])
+def test_mse_search_2d_given_range(backend, c, k, bits):
+    check_mse(kernel("mse_search_2d", backend), c, k, bits, 20, DEV, gen_seed=k, bounded=True)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_mse_search_opcheck(backend):
     kernel("mse_search_2d", backend)
     ops.force(backend)

@@ -328,6 +328,11 @@ def test_mse_search_2d_8bit():
     check_mse(mse_search_2d_triton, 2, 300, 8, 5, DEVICE)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mse_search_2d_given_range(bits):
+    check_mse(mse_search_2d_triton, 4, 37, bits, 12, DEVICE, gen_seed=bits, bounded=True)
+
+
 def test_mse_search_2d_through_the_op():
     ops.force("triton")
     x = torch.randn(3, 40, device=DEVICE)

@@ -5,7 +5,9 @@
 // d_i = max(R * i / steps / n, 1e-8) and codes k_j = round(x_j / d_i), candidate (i, z) scores
 // S(i, z) = sum_j |x_j - clamp(k_j, -z, n - z) d_i|^2.4; the row keeps the lowest score (first
 // in (i, z) order on ties) and returns calculate_qparams of its interval [-z d_i, r_i - z d_i].
-// That is steps * (n + 1) candidates (25,600 at 8 bits) over K elements each.
+// That is steps * (n + 1) candidates (25,600 at 8 bits) over K elements each. With x_min and
+// x_max given ([C]), R comes from them instead of the row (the range of the tensor the row was
+// subsampled from; they must contain the row, which keeps the error scaling below valid).
 //
 // How this kernel avoids scoring every candidate over every element (exact, not sampled):
 //
@@ -46,6 +48,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "cpu/calib_simd.h"
@@ -112,6 +115,20 @@ inline void calculate_qparams(float lo, float hi, float n, float* delta, float* 
   *zp = std::min(std::max(-std::nearbyint(mn / *delta), 0.0f), n);
 }
 
+// The row's clip bounds [lo, hi] (before clamping to 0): the given ones, checked against the
+// row, or the row's own extremes.
+inline void mse_row_bounds(const float* xs_sorted, int64_t K, const float* x_min,
+                           const float* x_max, int64_t c, float* lo, float* hi) {
+  *lo = xs_sorted[0];
+  *hi = xs_sorted[K - 1];
+  if (x_min == nullptr) return;
+  TORCH_CHECK(x_min[c] <= *lo && x_max[c] >= *hi, "mse_search_2d_cpu: row ", c,
+              " has elements outside [x_min, x_max] = [", x_min[c], ", ", x_max[c],
+              "]; the range must contain its row");
+  *lo = x_min[c];
+  *hi = x_max[c];
+}
+
 }  // namespace calib_cpu
 }  // namespace pdquant
 
@@ -143,7 +160,9 @@ void mse_finish_row(const MseRow& row, const MseBest& best, int64_t steps, float
 }
 
 std::tuple<at::Tensor, at::Tensor> mse_search_2d_cpu(const at::Tensor& x, int64_t bits,
-                                                     int64_t steps) {
+                                                     int64_t steps,
+                                                     const std::optional<at::Tensor>& x_min_t,
+                                                     const std::optional<at::Tensor>& x_max_t) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
                   x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0,
               "mse_search_2d_cpu: x must be a non-empty contiguous float32 CPU tensor [C, K]");
@@ -153,6 +172,23 @@ std::tuple<at::Tensor, at::Tensor> mse_search_2d_cpu(const at::Tensor& x, int64_
   const float* xp = x.data_ptr<float>();
   for (int64_t j = 0; j < C * K; ++j)
     TORCH_CHECK(std::isfinite(xp[j]), "mse_search_2d_cpu: x contains NaN or Inf");
+  TORCH_CHECK(x_min_t.has_value() == x_max_t.has_value(),
+              "mse_search_2d_cpu: give both x_min and x_max, or neither");
+  const float* rmin = nullptr;
+  const float* rmax = nullptr;
+  if (x_min_t.has_value()) {
+    for (const at::Tensor* t : {&*x_min_t, &*x_max_t}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                      t->dim() == 1 && t->size(0) == C,
+                  "mse_search_2d_cpu: x_min and x_max must be contiguous float32 CPU [C] = [", C,
+                  "] tensors");
+      for (int64_t c = 0; c < C; ++c)
+        TORCH_CHECK(std::isfinite(t->data_ptr<float>()[c]),
+                    "mse_search_2d_cpu: x_min/x_max contain NaN or Inf");
+    }
+    rmin = x_min_t->data_ptr<float>();
+    rmax = x_max_t->data_ptr<float>();
+  }
   at::Tensor delta = at::empty({C}, x.options());
   at::Tensor zp = at::empty({C}, x.options());
   float* dp = delta.data_ptr<float>();
@@ -169,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> mse_search_2d_cpu(const at::Tensor& x, int64_
       scratch.resize(K, nz, 16);
       for (int64_t c = cb; c < ce; ++c) {
         MseBest best;
-        PDQ_ISA_DISPATCH(mse_prepare_row, xp + c * K, K, n, row);
+        PDQ_ISA_DISPATCH(mse_prepare_row, xp + c * K, K, n, rmin, rmax, c, row);
         PDQ_ISA_DISPATCH(mse_search_ranges, row, bits, steps, steps, 1, scratch, best);
         mse_finish_row(row, best, steps, n, dp + c, zpp + c);
       }
@@ -183,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> mse_search_2d_cpu(const at::Tensor& x, int64_
     row.resize(K);
     std::vector<MseBest> bests(T);
     for (int64_t c = 0; c < C; ++c) {
-      PDQ_ISA_DISPATCH(mse_prepare_row, xp + c * K, K, n, row);
+      PDQ_ISA_DISPATCH(mse_prepare_row, xp + c * K, K, n, rmin, rmax, c, row);
       at::parallel_for(0, T, 1, [&](int64_t tb, int64_t te) {
         MseScratch scratch;
         scratch.resize(K, nz, 16);
@@ -203,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor> mse_search_2d_cpu(const at::Tensor& x, int64_
 void register_mse_search(pybind11::module_& m) {
   m.def("mse_search_2d_cpu", &mse_search_2d_cpu,
         "(delta [C], zero_point [C]): the official 2-D L2.4 search per row of x [C, K]",
-        pybind11::arg("x"), pybind11::arg("bits"), pybind11::arg("steps"));
+        pybind11::arg("x"), pybind11::arg("bits"), pybind11::arg("steps"),
+        pybind11::arg("x_min") = pybind11::none(), pybind11::arg("x_max") = pybind11::none());
 }
 
 }  // namespace
@@ -320,13 +357,17 @@ inline double tail_cost(const float* xs, int64_t b, int64_t e, float v, float d,
 
 }  // namespace mse_detail
 
-// Sorts the row and fills its prefix sums, range and scale.
-inline void mse_prepare_row(const float* x, int64_t K, float n, MseRow& row) {
+// Sorts row c and fills its prefix sums, range (its own, or [x_min[c], x_max[c]] when given)
+// and scale.
+inline void mse_prepare_row(const float* x, int64_t K, float n, const float* x_min,
+                            const float* x_max, int64_t c, MseRow& row) {
   float* xs = row.xs.data();
   std::copy(x, x + K, xs);
   std::sort(xs, xs + K);
-  row.x_min = std::min(xs[0], 0.0f);
-  row.x_max = std::max(xs[K - 1], 0.0f);
+  float lo, hi;
+  mse_row_bounds(xs, K, x_min, x_max, c, &lo, &hi);
+  row.x_min = std::min(lo, 0.0f);
+  row.x_max = std::max(hi, 0.0f);
   row.R = row.x_max - row.x_min;
   // Power-of-two scale so that every scaled error is below 1 (errors are below R + n d_steps).
   int e2 = 0;

@@ -218,20 +218,39 @@ Tensor adaround_hard_cuda(const Tensor& w_floor, const Tensor& alpha, const Tens
   return codes;
 }
 
-std::tuple<Tensor, Tensor> mse_search_2d_cuda(const Tensor& x, int64_t bits, int64_t steps) {
+std::tuple<Tensor, Tensor> mse_search_2d_cuda(const Tensor& x, int64_t bits, int64_t steps,
+                                              const std::optional<Tensor>& x_min,
+                                              const std::optional<Tensor>& x_max) {
   check_f32(x, "x", x);
   check_bits(bits);
   TORCH_CHECK(x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0,
               "x must be a non-empty 2-d [C, K] tensor, got ", x.sizes());
   TORCH_CHECK(steps >= 1, "steps must be a positive int, got ", steps);
-  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x_min.has_value() == x_max.has_value(), "give both x_min and x_max, or neither");
   const int64_t c = x.size(0);
+  const float* rmin = nullptr;
+  const float* rmax = nullptr;
+  if (x_min.has_value()) {
+    check_f32(*x_min, "x_min", x);
+    check_f32(*x_max, "x_max", x);
+    TORCH_CHECK(x_min->dim() == 1 && x_min->size(0) == c && x_max->dim() == 1 &&
+                    x_max->size(0) == c,
+                "x_min and x_max must have shape [C] = [", c, "]");
+    // containment (the kernels' precondition): one reduction each, a host sync like the
+    // fake-quant ops' step check
+    TORCH_CHECK(x_min->le(std::get<0>(x.min(1))).all().item<bool>() &&
+                    x_max->ge(std::get<0>(x.max(1))).all().item<bool>(),
+                "x_min/x_max must contain every element of their row");
+    rmin = x_min->data_ptr<float>();
+    rmax = x_max->data_ptr<float>();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
   Tensor score = at::empty({c, steps}, x.options());
   Tensor zbest = at::empty({c, steps}, x.options().dtype(at::kInt));
   Tensor delta = at::empty({c}, x.options());
   Tensor zero_point = at::empty({c}, x.options());
   check_launch(pdquant::calib::mse_search_2d(
-                   x.data_ptr<float>(), c, x.size(1), static_cast<int>(bits), steps,
+                   x.data_ptr<float>(), c, x.size(1), static_cast<int>(bits), steps, rmin, rmax,
                    score.data_ptr<float>(), zbest.data_ptr<int32_t>(), delta.data_ptr<float>(),
                    zero_point.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream()),
                "mse_search_2d_cuda");
@@ -254,7 +273,8 @@ void register_calib_cuda(pybind11::module_& m) {
   m.def("adaround_hard_cuda", &adaround_hard_cuda, "uint8 AdaRound codes (CUDA)", arg("w_floor"),
         arg("alpha"), arg("zero_point"), arg("bits"));
   m.def("mse_search_2d_cuda", &mse_search_2d_cuda, "(delta, zero_point) L2.4 search (CUDA)",
-        arg("x"), arg("bits"), arg("steps"));
+        arg("x"), arg("bits"), arg("steps"), arg("x_min") = pybind11::none(),
+        arg("x_max") = pybind11::none());
 }
 
 PDQ_REGISTER(register_calib_cuda);

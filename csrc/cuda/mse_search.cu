@@ -1,9 +1,10 @@
 // CUDA 2-D L2.4 initialisation search (mse_search.cuh), spec §1.3.
 //
 // Kernel 1, grid (channels, steps): block (c, i) finds row c's range R = max(x_max, 0) -
-// min(x_min, 0) (block min/max, exact), the step d_i = max(R * i / steps / n, 1e-8) (IEEE
-// divisions, the reference's order), then scores the n + 1 zero points kZ at a time: each thread
-// computes the code rint(x / d_i) once per element and pass and keeps kZ float accumulators of
+// min(x_min, 0) (block min/max, exact; or the given bounds x_min[c], x_max[c]), the step
+// d_i = max(R * i / steps / n, 1e-8) (IEEE divisions, the reference's order), then scores the
+// n + 1 zero points kZ at a time: each thread computes the code rint(x / d_i) once per element
+// and pass and keeps kZ float accumulators of
 // |x - clamp(code, -z, n - z) * d_i| ** 2.4 (powf); one block reduction per pass (fixed order).
 // It keeps the first zero point with the lowest mean (strict <) and writes score[c, i - 1],
 // zbest[c, i - 1].
@@ -24,8 +25,12 @@ namespace {
 
 constexpr int kZ = 8;  // zero points per pass: 8 accumulators per thread
 
-// (min(x_min, 0), max(x_max, 0)) of a row, in every thread.
-__device__ __forceinline__ float2 row_range(const float* __restrict__ row, int64_t k) {
+// (min(x_min, 0), max(x_max, 0)) of row c, in every thread: the given bounds when x_min is not
+// null (the glue checked that they contain the row), else the row's own.
+__device__ __forceinline__ float2 row_range(const float* __restrict__ row, int64_t k, int64_t c,
+                                            const float* __restrict__ x_min,
+                                            const float* __restrict__ x_max) {
+  if (x_min != nullptr) return make_float2(fminf(x_min[c], 0.f), fmaxf(x_max[c], 0.f));
   float lo = 0.f, hi = 0.f;
   for (int64_t kk = threadIdx.x; kk < k; kk += kThreads) {
     const float v = row[kk];
@@ -86,11 +91,12 @@ __device__ __forceinline__ void score_range(const float* __restrict__ row, int64
 
 __global__ void __launch_bounds__(kThreads)
     mse_range_kernel(const float* __restrict__ x, int64_t k, int n, int64_t steps,
+                     const float* __restrict__ x_min, const float* __restrict__ x_max,
                      float* __restrict__ score, int32_t* __restrict__ zbest) {
   const int64_t c = blockIdx.x;
   const float* row = x + c * k;
   const float nf = static_cast<float>(n);
-  const float2 range = row_range(row, k);
+  const float2 range = row_range(row, k, c, x_min, x_max);
   for (int64_t i = static_cast<int64_t>(blockIdx.y) + 1; i <= steps; i += gridDim.y) {
     score_range(row, k, n, nf, step_of(range, i, steps, nf).y, score + c * steps + (i - 1),
                 zbest + c * steps + (i - 1));
@@ -99,11 +105,12 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     mse_pick_kernel(const float* __restrict__ x, int64_t k, int n, int64_t steps,
+                    const float* __restrict__ x_min, const float* __restrict__ x_max,
                     const float* __restrict__ score, const int32_t* __restrict__ zbest,
                     float* __restrict__ delta, float* __restrict__ zero_point) {
   const int64_t c = blockIdx.x;
   const float nf = static_cast<float>(n);
-  const float2 range = row_range(x + c * k, k);
+  const float2 range = row_range(x + c * k, k, c, x_min, x_max);
   if (threadIdx.x != 0) return;
   float best_s = __int_as_float(0x7f800000);
   int64_t best_i = 0;
@@ -133,17 +140,17 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 cudaError_t mse_search_2d(const float* x, int64_t channels, int64_t k, int bits, int64_t steps,
-                          float* score, int32_t* zbest, float* delta, float* zero_point,
-                          cudaStream_t stream) {
+                          const float* x_min, const float* x_max, float* score, int32_t* zbest,
+                          float* delta, float* zero_point, cudaStream_t stream) {
   if (channels == 0) return cudaSuccess;
   const int n = (1 << bits) - 1;
   const unsigned grid_y = static_cast<unsigned>(steps < 65535 ? steps : 65535);
   mse_range_kernel<<<dim3(static_cast<unsigned>(channels), grid_y), kThreads, 0, stream>>>(
-      x, k, n, steps, score, zbest);
+      x, k, n, steps, x_min, x_max, score, zbest);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   mse_pick_kernel<<<static_cast<unsigned>(channels), kThreads, 0, stream>>>(
-      x, k, n, steps, score, zbest, delta, zero_point);
+      x, k, n, steps, x_min, x_max, score, zbest, delta, zero_point);
   return cudaGetLastError();
 }
 

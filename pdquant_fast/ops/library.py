@@ -16,7 +16,8 @@ Ops (namespace ``pdquant``):
   ``adaround_soft_backward(grad_wq, grad_reg, ...) -> grad_alpha``: AdaRound soft weight and its
   regulariser in one pass;
 * ``adaround_hard(w_floor, alpha, zero_point, bits) -> codes``: final integer codes (uint8);
-* ``mse_search_2d(x, bits, steps) -> (delta, zero_point)``: the L2.4 initialisation search;
+* ``mse_search_2d(x, bits, steps, x_min?, x_max?) -> (delta, zero_point)``: the L2.4
+  initialisation search (optionally over a given clip range per row);
 * ``bn_stat_loss(x, mean, std) -> (loss, m, s)`` and ``bn_stat_loss_backward(grad, x, mean, std,
   m, s) -> grad_x``: the per-sample BatchNorm-statistic loss of distribution correction;
 * ``dc_adam_step(x, x0, g, m, v, kc, step, b1, b2, sqrt_bc2, eps) -> (x_new, close)``: its input
@@ -350,8 +351,19 @@ def _(w_floor, alpha, zero_point, bits):
 
 
 @torch.library.custom_op("pdquant::mse_search_2d", mutates_args=())
-def mse_search_2d(x: Tensor, bits: int, steps: int) -> tuple[Tensor, Tensor]:
-    """``(delta [C], zero_point [C])``: see :func:`~.reference.mse_search_2d_reference`."""
+def mse_search_2d(
+    x: Tensor,
+    bits: int,
+    steps: int,
+    x_min: Tensor | None = None,
+    x_max: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(delta [C], zero_point [C])``: see :func:`~.reference.mse_search_2d_reference`.
+
+    ``x_min``/``x_max`` (float32 ``[C]``, both or neither): the clip range of each row instead of
+    its own minimum and maximum, e.g. the range of a whole tensor whose subsample is the row.
+    They must contain the row (``x_min[c] <= min(x[c])``, ``x_max[c] >= max(x[c])``).
+    """
     _check_tensor("x", x, torch.float32, x.device)
     _check_bits(bits)
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -360,11 +372,27 @@ def mse_search_2d(x: Tensor, bits: int, steps: int) -> tuple[Tensor, Tensor]:
         raise OpInputError(f"steps must be a positive int, got {steps!r}")
     if not torch.isfinite(x).all():
         raise OpInputError("x contains NaN or Inf; the search needs finite values")
-    return _run("mse_search_2d", x.device, bits)(x, bits, steps)
+    if (x_min is None) != (x_max is None):
+        raise OpInputError("give both x_min and x_max (the clip range of each row), or neither")
+    if x_min is not None:
+        for name, t in (("x_min", x_min), ("x_max", x_max)):
+            _check_tensor(name, t, torch.float32, x.device)
+            if t.shape != (x.shape[0],):
+                raise OpInputError(
+                    f"{name} must have shape [C] = ({x.shape[0]},), got {tuple(t.shape)}"
+                )
+            if not torch.isfinite(t).all():
+                raise OpInputError(f"{name} contains NaN or Inf; the range must be finite")
+        if bool((x_min > x.amin(dim=1)).any()) or bool((x_max < x.amax(dim=1)).any()):
+            raise OpInputError(
+                "x_min/x_max must contain every element of their row "
+                "(x_min[c] <= min(x[c]) and x_max[c] >= max(x[c]))"
+            )
+    return _run("mse_search_2d", x.device, bits)(x, bits, steps, x_min, x_max)
 
 
 @mse_search_2d.register_fake
-def _(x, bits, steps):
+def _(x, bits, steps, x_min=None, x_max=None):
     return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 

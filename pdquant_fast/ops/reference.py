@@ -233,11 +233,17 @@ def adaround_hard_reference(
 
 
 def mse_search_2d_reference(
-    x: torch.Tensor, bits: int, steps: int
+    x: torch.Tensor,
+    bits: int,
+    steps: int,
+    x_min: torch.Tensor | None = None,
+    x_max: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The official 2-D L2.4 init search (spec §1.3) per row of ``x`` ``[C, K]``.
 
-    For each row: ``R = max(x_max, 0) - min(x_min, 0)``; for range ``i = 1..steps`` and zero point
+    For each row: ``R = max(x_max, 0) - min(x_min, 0)``, where ``x_min``/``x_max`` are the row's
+    own minimum and maximum, or the given ``[C]`` bounds (the range of the whole tensor a row was
+    subsampled from: they must contain the row); for range ``i = 1..steps`` and zero point
     ``z = 0..n``, candidate step ``d_i = max(R * i / steps / n, 1e-8)``, codes
     ``v = clamp(round(x / d_i), -z, n - z)``, score ``mean(|x - v * d_i| ** 2.4)``; the row keeps
     the first (lowest ``(i, z)``) candidate with the lowest score and returns
@@ -246,7 +252,7 @@ def mse_search_2d_reference(
     """
     from ..quant import mse_search_2d
 
-    return mse_search_2d(x, bits, channel_wise=True, steps=steps)
+    return mse_search_2d(x, bits, channel_wise=True, steps=steps, x_min=x_min, x_max=x_max)
 
 
 # --------------------------------------------------------------------------------------------
