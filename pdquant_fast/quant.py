@@ -94,6 +94,8 @@ def mse_search_2d(
     steps: int = 100,
     chunk_elems: int = 1 << 21,  # ~8 MB per temporary: cache-resident, 1.8x faster than 64 MB
     score_on: torch.Tensor | None = None,
+    x_min: torch.Tensor | None = None,
+    x_max: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 2-D (range x zero point) L2.4 search of spec §1.3, vectorised.
 
@@ -107,14 +109,21 @@ def mse_search_2d(
         x: float32 ``[C, ...]`` (channel_wise) or any shape (per tensor).
         score_on: optional per-tensor subsample of ``x`` on which candidates are scored (the
             range still comes from all of ``x``); see :func:`init_qparams`.
+        x_min, x_max: optional ``[C]`` (channel_wise) or ``[1]`` bounds that replace the
+            minimum and maximum of ``x`` in ``R`` (``ops.mse_search_2d`` passes the range of
+            the tensor a row was sampled from); both or neither.
     Returns:
         ``(delta, zp)`` each of shape ``[C]`` (channel_wise) or ``[]``.
     """
     n = 2**bits - 1
     xf = x.reshape(x.shape[0], -1) if channel_wise else x.reshape(1, -1)
     xf = xf.float()
-    x_min = xf.amin(dim=1).clamp(max=0.0)
-    x_max = xf.amax(dim=1).clamp(min=0.0)
+    if (x_min is None) != (x_max is None):
+        raise ValueError("give both x_min and x_max, or neither")
+    if x_min is None:
+        x_min, x_max = xf.amin(dim=1), xf.amax(dim=1)
+    x_min = x_min.reshape(-1).float().clamp(max=0.0)
+    x_max = x_max.reshape(-1).float().clamp(min=0.0)
     if score_on is not None:
         xf = score_on.reshape(1, -1).float()
     rng = x_max - x_min  # [C]
@@ -231,7 +240,11 @@ def init_qparams(
         xf = x.reshape(x.shape[0], -1).float().contiguous()
         d, z = ops.mse_search_2d(xf, bits, 100)
     elif side == "no":
-        d, z = mse_search_2d(x, bits, channel_wise, score_on=sample)
+        # per tensor: one row (the subsample, or all of x) searched over the whole tensor's range
+        row = (x if sample is None else sample).reshape(1, -1).float().contiguous()
+        xf = x.float()
+        d, z = ops.mse_search_2d(row, bits, 100, xf.amin().reshape(1), xf.amax().reshape(1))
+        d, z = d[0], z[0]
     else:
         d, z = mse_search_1d(x, bits, channel_wise, side, score_on=sample)
     return d, z, side

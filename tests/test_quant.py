@@ -120,6 +120,34 @@ def test_mse_search_1d_pos_equals_loop():
     assert z == 0 and torch.allclose(d, bd, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_init_qparams_per_tensor_subsample_uses_the_op(bits):
+    """Per-tensor signed init scores a strided subsample over the whole tensor's range through
+    ``ops.mse_search_2d`` (C++/Triton/CUDA kernel where built); its choice must be the vectorised
+    PyTorch search's (``mse_search_2d(..., score_on=)``) or no worse in float64 L2.4 score."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(8, 16, 30, 30, generator=g) * torch.linspace(0.2, 3.0, 16).reshape(1, 16, 1, 1)
+    x[0, 0, 0, 1:5] = torch.tensor([-40.0, 25.0, 30.0, -12.0])  # extremes the subsample misses
+    d, z, side = init_qparams(x, bits, False, max_score_elems=5000)
+    assert side == "no"
+    flat = x.reshape(-1)
+    sample = flat[:: -(-flat.numel() // 5000)]
+    assert sample.amin() > -40.0  # the range really comes from outside the subsample
+    d_ref, z_ref = mse_search_2d(x, bits, False, score_on=sample)
+
+    def score(dd, zz):
+        n = 2**bits - 1
+        s = sample.double()
+        q = torch.clamp(torch.round(s / dd.double()) + zz.double(), 0, n) - zz.double()
+        return (s - q * dd.double()).abs().pow(2.4).mean().item()
+
+    same = torch.equal(z, z_ref) and torch.equal(d, d_ref)
+    assert same or score(d, z) <= score(d_ref, z_ref) * (1 + 1e-5)
+    # and the range is the tensor's: a search over the subsample's own range differs
+    d_own, _ = mse_search_2d(sample, bits, False)
+    assert not torch.equal(d, d_own)
+
+
 def test_init_qparams_sides_and_nan_rejected():
     assert init_qparams(torch.rand(100), 4, False)[2] == "pos"
     assert init_qparams(-torch.rand(100), 4, False)[2] == "neg"
