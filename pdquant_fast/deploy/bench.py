@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from . import memory
 from .format import DeployError
 from .load import load_packed
 
@@ -156,6 +157,9 @@ def bench_latency(
             "batch": b,
             "threads": torch.get_num_threads(),
             "device": device,
+            # glibc keeps freed feature maps (load_packed; PDQUANT_TUNE_MALLOC): every
+            # implementation in this process runs with the same allocator settings
+            "malloc_tuned": bool((memory.malloc_state() or {}).get("applied")),
         }
         fns = {"packed": pm}
         if fp is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import memory
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -180,11 +181,22 @@ def read_tensors(folder: Path, m: dict) -> dict[str, torch.Tensor]:
 
 
 def load_packed(
-    folder, device: str | torch.device = "cpu", memory_format: str = "auto"
+    folder,
+    device: str | torch.device = "cpu",
+    memory_format: str = "auto",
+    tune_malloc: bool | None = None,
 ) -> PackedModel:
     """Verify ``folder`` (see the module docstring) and build the :class:`PackedModel` on
     ``device`` (``memory_format``: its activation layout, see :class:`PackedModel`). Raises
-    :class:`DeployError` naming the file and the problem."""
+    :class:`DeployError` naming the file and the problem.
+
+    ``tune_malloc`` (default: ``PDQUANT_TUNE_MALLOC``, on unless ``0``): for a CPU model, keep
+    freed feature-map memory in the process between forwards (glibc ``mallopt``, process-wide;
+    :mod:`pdquant_fast.deploy.memory`), which removes thousands of page faults per forward."""
+    try:
+        want_tune = memory.tune_malloc_enabled(tune_malloc)
+    except ValueError as exc:
+        raise DeployError(str(exc)) from None
     folder = Path(folder)
     if not folder.is_dir():
         raise DeployError(f"{folder}: not a folder (expected a packed model folder)")
@@ -193,4 +205,7 @@ def load_packed(
     where = str(folder / MANIFEST_FILE)
     _check_layers(m, tensors, where)
     _check_graph(m, where)
-    return PackedModel(m, tensors, memory_format=memory_format).to(device).eval()
+    model = PackedModel(m, tensors, memory_format=memory_format).to(device).eval()
+    if want_tune and torch.device(device).type == "cpu":
+        memory.tune_malloc()
+    return model
