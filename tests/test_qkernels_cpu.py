@@ -194,6 +194,31 @@ def test_qconv2d_shifted_int8_weights(isa):
     scale, bias = torch.rand(64, generator=g) * 1e-4, torch.randn(64, generator=g)
     args = (7, w, scale, bias, [2, 2], [3, 3], 1, 1, None, 0.05, 3, 8)
     assert torch.equal(_C.qconv2d_cpu(x, *args), qconv2d_reference(x, *args))
+    # <= 48 output channels (one weight panel): each thread pads and sums image by image; the
+    # ResNet-20 integer stem (3 -> 16, 3x3) and a 7x7/2 one, NCHW and channels_last, with
+    # residual codes, on 1-3 threads (a thread may start or stop inside an image)
+    before = torch.get_num_threads()
+    try:
+        for o, k, st, pd in ((16, 3, 1, 1), (48, 7, 2, 3), (24, 5, 1, 0)):
+            w = _weights(g, (o, 3, k, k), 8)
+            assert _C.qconv2d_prepack_cpu(w, 1).shifted
+            x = torch.randint(0, 256, (3, 3, 13, 11), generator=g, dtype=torch.uint8)
+            scale, bias = torch.rand(o, generator=g) * 1e-4, torch.randn(o, generator=g)
+            ho, wo = (13 + 2 * pd - k) // st + 1, (11 + 2 * pd - k) // st + 1
+            res = torch.randint(0, 16, (3, o, ho, wo), generator=g, dtype=torch.uint8)
+            args = (131, w, scale, bias, [st] * 2, [pd] * 2, 1, 1, res, 0.05, 3, 4, 0.07, 2)
+            want = qconv2d_reference(x, *args)
+            packed = _C.qconv2d_prepack_cpu(w, 1)
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                for cl in (False, True):
+                    fmt = torch.channels_last if cl else torch.contiguous_format
+                    xin, rin = x.contiguous(memory_format=fmt), res.contiguous(memory_format=fmt)
+                    pargs = (131, packed) + args[2:8] + (rin,) + args[9:]
+                    got = _C.qconv2d_cpu(xin, *pargs)
+                    assert torch.equal(got, want), (o, k, threads, cl)
+    finally:
+        torch.set_num_threads(before)
     # not shiftable: one channel spans 257 values; or more than one group
     w = _weights(g, (16, 8, 3, 3), 8)
     w[5, 0, 0, 0], w[5, 0, 0, 1] = -128, 128

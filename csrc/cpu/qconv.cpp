@@ -600,6 +600,52 @@ inline void row_pointers(const uint8_t** ptr, int rows, int64_t p0, int64_t Wo, 
   }
 }
 
+// Receptive-field sums of one padded NHWC image (the shifted int8 weights' correction):
+// sx[oh * Wo + ow] = sum over kh < KH, kw < KW, c < Cg of img[((oh sh + kh) Wp + ow sw + kw) ct + c]
+// - zk. Separable, in three passes that vectorise along the pixels: per-pixel channel sums S,
+// KW-wide sums along each padded row R, KH-tall sums of R (the loops before were ordered
+// reduction-innermost and ran scalar: 22% of the ResNet-20 integer stem). Exact in int32: a sum
+// is at most 255 * K, far inside the op's int32 accumulator bound on K.
+struct ReceptiveSums {
+  int64_t Hp, Wp, ct, Cg, KH, KW, sh, sw, Ho, Wo;
+  int32_t zk;
+  int64_t scratch() const { return Hp * Wp + Hp * Wo; }
+  void operator()(const uint8_t* img, int32_t* tmp, int32_t* sx) const {
+    int32_t* S = tmp;
+    int32_t* R = tmp + Hp * Wp;
+    const int64_t np = Hp * Wp;
+    if (ct == 3 && Cg == 3) {  // the dense 3-channel stems
+      for (int64_t i = 0; i < np; ++i)
+        S[i] = static_cast<int32_t>(img[3 * i]) + img[3 * i + 1] + img[3 * i + 2];
+    } else {
+      for (int64_t i = 0; i < np; ++i) S[i] = img[i * ct];
+      for (int64_t c = 1; c < Cg; ++c)
+        for (int64_t i = 0; i < np; ++i) S[i] += img[i * ct + c];
+    }
+    for (int64_t h = 0; h < Hp; ++h) {
+      const int32_t* srow = S + h * Wp;
+      int32_t* r = R + h * Wo;
+      if (sw == 1) {
+        for (int64_t ow = 0; ow < Wo; ++ow) r[ow] = srow[ow];
+        for (int64_t kw = 1; kw < KW; ++kw)
+          for (int64_t ow = 0; ow < Wo; ++ow) r[ow] += srow[ow + kw];
+      } else {
+        for (int64_t ow = 0; ow < Wo; ++ow) r[ow] = srow[ow * sw];
+        for (int64_t kw = 1; kw < KW; ++kw)
+          for (int64_t ow = 0; ow < Wo; ++ow) r[ow] += srow[ow * sw + kw];
+      }
+    }
+    for (int64_t oh = 0; oh < Ho; ++oh) {
+      int32_t* o = sx + oh * Wo;
+      for (int64_t ow = 0; ow < Wo; ++ow) o[ow] = -zk;
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        const int32_t* r = R + (oh * sh + kh) * Wo;
+        for (int64_t ow = 0; ow < Wo; ++ow) o[ow] += r[ow];
+      }
+    }
+  }
+};
+
 std::vector<int64_t> pair_arg(const std::vector<int64_t>& v, const char* name) {
   check(v.size() == 2 || v.size() == 1, std::string(name) + " must have 2 entries, got " +
                                             std::to_string(v.size()));
@@ -795,9 +841,10 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // the tiles run image after image, so each thread pads the image it is about to work on into
   // its own small buffer (L2-resident for CIFAR/ImageNet-body sizes) instead of padding the whole
   // batch first: the batch crosses memory once instead of three times (read x, write the padded
-  // copy, read it back). Shifted 8-bit weights need the per-pixel sums of the whole padded batch
-  // below, so they keep the batch copy.
-  const bool per_image = !direct && groups == 1 && nsb == 1 && !s16 && !pk.off.defined();
+  // copy, read it back). Shifted 8-bit weights then get their per-pixel sums (below) per image
+  // too, from the same buffer.
+  const bool per_image = !direct && groups == 1 && nsb == 1 && !s16;
+  const bool shifted = pk.off.defined();
   if (direct) {
     xp = xs;  // channels_last, no padding, C % 4 == 0: use x directly
   } else if (!per_image) {
@@ -810,38 +857,21 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     });
     xp = bp;
   }
+  // Shifted int8 weights (see PackedConv::off): the epilogue needs, per output pixel p, the sum
+  // of the codes over its receptive field (padding holds x_zp) minus x_zp * K.
+  const ReceptiveSums rs{Hp, Wp, ct, pk.Cg, pk.KH, pk.KW, sh, sw, Ho, Wo,
+                         static_cast<int32_t>(x_zp * pk.Cg * ntaps)};
   std::vector<int32_t> sx;
-  if (pk.off.defined()) {
-    // Shifted int8 weights (see PackedConv::off): sx[n * P + p] = sum over output pixel p's
-    // receptive field of the codes (padding holds x_zp) - x_zp * K, from per-pixel channel sums
-    // of the padded buffer, then KW-wide row sums, then KH-tall column sums.
-    sx.resize(N * P);
-    const int32_t zk = static_cast<int32_t>(x_zp * pk.Cg * ntaps);
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
-      std::vector<int32_t> S(Hp * Wp), R(Hp * Wo);
-      for (int64_t n = b; n < en; ++n) {
-        const uint8_t* img = xp + n * Hp * Wp * ct;
-        for (int64_t i = 0; i < Hp * Wp; ++i) {
-          int32_t v = 0;
-          for (int64_t c = 0; c < pk.Cg; ++c) v += img[i * ct + c];
-          S[i] = v;
-        }
-        for (int64_t h = 0; h < Hp; ++h)
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            int32_t v = 0;
-            for (int64_t kw = 0; kw < pk.KW; ++kw) v += S[h * Wp + ow * sw + kw];
-            R[h * Wo + ow] = v;
-          }
-        for (int64_t oh = 0; oh < Ho; ++oh)
-          for (int64_t ow = 0; ow < Wo; ++ow) {
-            int32_t v = -zk;
-            for (int64_t kh = 0; kh < pk.KH; ++kh) v += R[(oh * sh + kh) * Wo + ow];
-            sx[n * P + oh * Wo + ow] = v;
-          }
-      }
-    });
+  if (shifted) {
     e.off = pk.off.data_ptr<int32_t>();
-    e.sx = sx.data();
+    if (!per_image) {  // sums of the whole (padded or direct) batch first
+      sx.resize(N * P);
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
+        std::vector<int32_t> tmp(rs.scratch());
+        for (int64_t n = b; n < en; ++n) rs(xp + n * img_bytes, tmp.data(), sx.data() + n * P);
+      });
+      e.sx = sx.data();
+    }
   }
   // With one group a kernel row's KW taps are contiguous in the buffer (pixel after pixel, ct
   // channels each) and in the panel's k order (kh, kw, c): one "tap" per kernel row then.
@@ -862,6 +892,11 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     alignas(64) int32_t cbuf[kTileRows * ldc];
     const uint8_t* rowp[kTileRows];
     std::vector<uint8_t> scratch(per_image ? img_bytes + slack : 0);
+    // per-image shifted weights: this image's receptive-field sums, read at row p0 + r
+    const bool own_sx = per_image && shifted;
+    std::vector<int32_t> sx_img(own_sx ? P : 0), sx_tmp(own_sx ? rs.scratch() : 0);
+    Epilogue el = e;
+    if (own_sx) el.sx = sx_img.data();
     int64_t padded = -1;  // the image in scratch
     for (int64_t it = b; it < en; ++it) {
       const int64_t tile = it % ntiles;
@@ -875,6 +910,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
         if (padded != n) {
           pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, pk.Cg, pk.cpg, ct,
                       static_cast<uint8_t>(x_zp), false, scratch.data());
+          if (own_sx) rs(scratch.data(), sx_tmp.data(), sx_img.data());
           padded = n;
         }
         img = scratch.data();
@@ -901,7 +937,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       }
       const int64_t oc0 = pk.sb_block0[s] * kBlock;  // channel within the group
       const int cols = static_cast<int>(std::min<int64_t>(kBlock * u.jb, pk.Og - oc0));
-      epilogue(isa, e, cbuf, ldc, dst(n, p0, g * pk.Og + oc0, rows, cols));
+      TileDst d = dst(n, p0, g * pk.Og + oc0, rows, cols);
+      if (own_sx) d.sx_row0 = p0;
+      epilogue(isa, el, cbuf, ldc, d);
     }
   });
   return out;
