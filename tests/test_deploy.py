@@ -252,6 +252,9 @@ def test_opcheck_deployment_ops():
         ops.qlinear, (xl, 1, wl, torch.rand(5), torch.randn(5), 2, rl, 0.0, 0, 0, 0.05, 3)
     )
     torch.library.opcheck(ops.quantize_codes, (torch.randn(2, 4, 5, 5, generator=g), 0.1, 3, 4))
+    torch.library.opcheck(
+        ops.quantize_codes, (torch.randn(2, 3, 5, 5, generator=g), 0.1, 3, 4, True)
+    )
     torch.library.opcheck(ops.max_pool2d_codes, (x, [3, 3], [2, 2], [1, 1]))
     xcl = x.contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(ops.max_pool2d_codes, (xcl, [3, 3], [2, 2], [1, 1]))

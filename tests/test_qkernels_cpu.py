@@ -512,6 +512,42 @@ def test_quantize_codes_bit_exact(isa):
     )
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_quantize_codes_channels_last_bit_exact(isa):
+    """``channels_last=True``: channels_last codes equal to the reference's codes of the same x,
+    from NCHW input (1-4 channels: the row interleave with vpermb, masked tails; more: codes then
+    a layout copy), channels_last input and strided input; ties, clamps, huge values."""
+    from pdquant_fast.ops.reference import quantize_codes_reference
+
+    _C.qkernels_set_isa_cpu(isa)
+    g = torch.Generator().manual_seed(37)
+    for c, h, w in (
+        (1, 3, 5),
+        (2, 2, 16),
+        (3, 4, 17),
+        (3, 32, 32),
+        (4, 3, 33),
+        (5, 2, 9),
+        (16, 3, 7),
+    ):
+        x = torch.randn(2, c, h, w, generator=g) * 0.6
+        flat = x.view(-1)
+        flat[::7] = (torch.randint(-20, 20, (len(flat[::7]),), generator=g) + 0.5) * 0.25
+        flat[::11] = 3e38
+        flat[::13] = -1e30
+        for bits, zp in ((2, 1), (4, 7), (8, 128)):
+            d = 0.25 if w % 2 else 0.0731
+            want = quantize_codes_reference(x, d, zp, bits)
+            for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+                q = _C.quantize_codes_cpu(xin, d, zp, bits, True)
+                assert q.is_contiguous(memory_format=torch.channels_last), (c, h, w)
+                assert torch.equal(q, want), (c, h, w, bits, zp)
+    x = torch.randn(2, 6, 5, 8, generator=g)[:, ::2, :, 1:]  # strided, 3 channels
+    q = _C.quantize_codes_cpu(x, 0.1, 3, 4, True)
+    assert q.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(q, quantize_codes_reference(x, 0.1, 3, 4))
+
+
 def test_quantize_codes_op_matches_runtime_formula_and_rejects_bad_input():
     """The op (C++ kernel by default) gives exactly the packed runtime's former
     ``clamp(round(x / delta_t) + zp_t, 0, n)`` on 0-d float32 tensors; bad arguments raise."""
@@ -536,6 +572,12 @@ def test_quantize_codes_op_matches_runtime_formula_and_rejects_bad_input():
         _C.quantize_codes_cpu(x, 0.1, 0, 1)
     with pytest.raises(ValueError, match="zp must be a code 0..3"):
         _C.quantize_codes_cpu(x, 0.1, 4, 2)
+    with pytest.raises(
+        ops.OpInputError, match=r"channels_last codes need a 4-d .* got shape \(16, 11\)"
+    ):
+        ops.quantize_codes(x[0, :, :, 0], 0.1, 0, 4, channels_last=True)
+    with pytest.raises(ValueError, match="channels_last codes need a 4-d"):
+        _C.quantize_codes_cpu(x[0], 0.1, 0, 4, True)
 
 
 def test_quantize_codes_op_keeps_channels_last():

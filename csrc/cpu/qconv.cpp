@@ -601,8 +601,8 @@ inline void row_pointers(const uint8_t** ptr, int rows, int64_t p0, int64_t Wo, 
 }
 
 // Receptive-field sums of one padded NHWC image (the shifted int8 weights' correction):
-// sx[oh * Wo + ow] = sum over kh < KH, kw < KW, c < Cg of img[((oh sh + kh) Wp + ow sw + kw) ct + c]
-// - zk. Separable, in three passes that vectorise along the pixels: per-pixel channel sums S,
+// sx[oh * Wo + ow] = sum over kh < KH, kw < KW, c < Cg of
+// img[((oh sh + kh) Wp + ow sw + kw) ct + c] - zk. Separable, in three passes that vectorise along the pixels: per-pixel channel sums S,
 // KW-wide sums along each padded row R, KH-tall sums of R (the loops before were ordered
 // reduction-innermost and ran scalar: 22% of the ResNet-20 integer stem). Exact in int32: a sum
 // is at most 255 * K, far inside the op's int32 accumulator bound on K.

@@ -8,7 +8,8 @@
 // storage); other strided inputs are made contiguous first. NaN inputs give an unspecified code
 // (the reference's NaN-to-uint8 cast is itself unspecified).
 //
-// Entry points (pdquant_fast._C): quantize_codes_cpu(x, delta, zp, bits) -> uint8 tensor, and
+// Entry points (pdquant_fast._C): quantize_codes_cpu(x, delta, zp, bits, channels_last=False)
+// -> uint8 tensor (channels_last: channels_last codes of a 4-d x), and
 // its inverse dequantize_codes_cpu(codes, delta, zp) -> float32 (see below).
 // ISA: AVX-512 when the q-kernels' active ISA is avx512vnni (PDQUANT_CPU_ISA), else scalar
 // (the compiler may vectorise it; the math is the same element by element).
@@ -62,7 +63,45 @@ PDQ_VNNI void quantize_avx512(const float* x, uint8_t* q, int64_t n, float delta
 }
 #endif
 
-at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, int64_t bits) {
+#ifdef PDQ_X86
+// Rows nh in [b, e) (image nh / H, row nh % H) of C <= 4 NCHW planes of H x W floats ->
+// interleaved channels_last codes q[(nh W + w) C + c]: 16 pixels at a time, the C code vectors
+// narrowed into one register (lane c = channel c's 16 bytes) and interleaved by one vpermb.
+PDQ_VBMI void quantize_rows_cl_vbmi(const float* x, int64_t C, int64_t H, int64_t W, int64_t b,
+                                    int64_t e, uint8_t* q, float delta, float zp, float qmax) {
+  const __m512 vd = _mm512_set1_ps(delta), vz = _mm512_set1_ps(zp), vq = _mm512_set1_ps(qmax);
+  alignas(64) uint8_t idx[64];
+  for (int j = 0; j < 64; ++j)
+    idx[j] = static_cast<uint8_t>(j < 16 * C ? (j % C) * 16 + j / C : 0);
+  const __m512i perm = _mm512_load_si512(idx);
+  const int64_t plane = H * W;
+  for (int64_t nh = b; nh < e; ++nh) {
+    const float* xr = x + ((nh / H) * C * H + nh % H) * W;
+    uint8_t* qr = q + nh * W * C;
+    for (int64_t w0 = 0; w0 < W; w0 += 16) {
+      const int64_t r = std::min<int64_t>(16, W - w0);
+      const __mmask16 k = r == 16 ? 0xFFFF : static_cast<__mmask16>((1u << r) - 1);
+      __m512i c[4];
+#pragma GCC unroll 4
+      for (int64_t ch = 0; ch < 4; ++ch)
+        c[ch] = ch < C ? qvec(_mm512_maskz_loadu_ps(k, xr + ch * plane + w0), vd, vz, vq)
+                       : _mm512_setzero_si512();
+      const __m512i v = _mm512_permutexvar_epi8(perm, narrow4(c[0], c[1], c[2], c[3]));
+      const int64_t nb = r * C;
+      const __mmask64 m = nb == 64 ? ~__mmask64{0} : ((__mmask64{1} << nb) - 1);
+      _mm512_mask_storeu_epi8(qr + w0 * C, m, v);
+    }
+  }
+}
+#endif
+
+// x [N, C, H, W] dense NCHW -> channels_last codes. C <= 4 with VBMI: interleaved row by row;
+// otherwise the codes in x's layout, then one layout copy.
+at::Tensor quantize_cl_from_nchw(const at::Tensor& x, float d, float z, float qmax,
+                                 int64_t bits, double delta, int64_t zp);
+
+at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, int64_t bits,
+                              bool channels_last) {
   check(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
         std::string("x must be a float32 CPU tensor, got ") +
             std::string(c10::toString(x_in.scalar_type())) + " on " + x_in.device().str());
@@ -74,6 +113,14 @@ at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, 
                                                  std::to_string((1 << bits) - 1) + " for " +
                                                  std::to_string(bits) + " bits, got " +
                                                  std::to_string(zp));
+  check(!channels_last || x_in.dim() == 4,
+        "channels_last codes need a 4-d [N, C, H, W] x, got " + std::to_string(x_in.dim()) +
+            " dims");
+  if (channels_last && !x_in.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    const at::Tensor x = x_in.contiguous();
+    return quantize_cl_from_nchw(x, static_cast<float>(delta), static_cast<float>(zp),
+                                 static_cast<float>((1 << bits) - 1), bits, delta, zp);
+  }
   // dense in some dim order (contiguous, channels_last, ...): keep the layout, walk the storage
   const bool dense = x_in.is_non_overlapping_and_dense();
   const at::Tensor x = dense ? x_in : x_in.contiguous();
@@ -93,6 +140,27 @@ at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, 
     quantize_scalar(xp + i0, qp + i0, i1 - i0, d, z, qmax);
   });
   return q;
+}
+
+at::Tensor quantize_cl_from_nchw(const at::Tensor& x, float d, float z, float qmax,
+                                 int64_t bits, double delta, int64_t zp) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+#ifdef PDQ_X86
+  if (C <= 4 && active_isa() == Isa::kAvx512Vnni && has_vbmi()) {
+    at::Tensor q = at::empty({N, C, H, W}, x.options().dtype(at::kByte),
+                             at::MemoryFormat::ChannelsLast);
+    if (q.numel() == 0) return q;
+    const float* xp = x.data_ptr<float>();
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+    at::parallel_for(0, N * H, grain, [&](int64_t b, int64_t e) {
+      quantize_rows_cl_vbmi(xp, C, H, W, b, e, qp, d, z, qmax);
+    });
+    return q;
+  }
+#endif
+  (void)d, (void)z, (void)qmax;
+  return quantize_codes_cpu(x, delta, zp, bits, false).contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 void dequantize_scalar(const uint8_t* q, float* y, int64_t n, float delta, float zp) {
@@ -141,9 +209,9 @@ at::Tensor dequantize_codes_cpu(const at::Tensor& q_in, double delta, int64_t zp
 void register_quantize(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("quantize_codes_cpu", &quantize_codes_cpu, py::arg("x"), py::arg("delta"),
-        py::arg("zp"), py::arg("bits"),
+        py::arg("zp"), py::arg("bits"), py::arg("channels_last") = false,
         "pdquant::quantize_codes on CPU: float32 -> uint8 clamp(round_half_even(x / delta) + zp, "
-        "0, 2^bits - 1), x's shape and memory format");
+        "0, 2^bits - 1), x's shape and memory format (or channels_last codes of a 4-d x)");
   m.def("dequantize_codes_cpu", &dequantize_codes_cpu, py::arg("codes"), py::arg("delta"),
         py::arg("zp"),
         "pdquant::dequantize_codes on CPU: uint8 -> float32 (float(q) - zp) * delta, the codes' "

@@ -166,10 +166,11 @@ class ActParams(nn.Module):
         self.register_buffer("delta", torch.tensor(delta, dtype=torch.float32))
         self.register_buffer("zp", torch.tensor(float(zp), dtype=torch.float32))
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """float32 -> uint8 codes, the simulation's ``clamp(round(x / delta) + zp, 0, n)``
-        (``ops.quantize_codes``: one fused pass where a kernel backend has it)."""
-        return ops.quantize_codes(x, self.delta_value, self.zp_int, self.bits)
+        (``ops.quantize_codes``: one fused pass where a kernel backend has it); with
+        ``channels_last`` (4-d ``x``) the codes come out channels_last."""
+        return ops.quantize_codes(x, self.delta_value, self.zp_int, self.bits, channels_last)
 
     def dequantize(self, c: torch.Tensor) -> torch.Tensor:
         """uint8 codes -> float32 ``(c - zp) * delta`` (bit-identical to the simulation;
@@ -530,7 +531,7 @@ class PackedModel(nn.Module):
             if op == "input":
                 val = x
             elif op == "quantize":
-                val = self._codes_layout(self._act(node["act"]).quantize(env[node["input"]]))
+                val = self._quantize_codes(self._act(node["act"]), env[node["input"]])
                 out_act = node["act"]
             elif op == "dequantize":
                 if node["name"] in self._skip:
@@ -556,7 +557,7 @@ class PackedModel(nn.Module):
                 skip = node["act"] == "relu" and out_q is not None and out_q.zp_int == 0
                 val = self.layers[_safe(node["layer"])](env[node["input"]], act=not skip)
                 if out_q is not None:
-                    val = self._codes_layout(out_q.quantize(val))
+                    val = self._quantize_codes(out_q, val)
                     out_act = node["out_act"]
             elif op == "glue":
                 val = self._glue(node, env)
@@ -572,11 +573,10 @@ class PackedModel(nn.Module):
             env[node["name"]] = val
         return env[self.output_name]
 
-    def _codes_layout(self, codes: torch.Tensor) -> torch.Tensor:
-        """Fresh activation codes in the model's :attr:`memory_format`."""
-        if self._cl and codes.dim() == 4:
-            return codes.contiguous(memory_format=torch.channels_last)
-        return codes
+    def _quantize_codes(self, act: ActParams, x: torch.Tensor) -> torch.Tensor:
+        """Fresh activation codes in the model's :attr:`memory_format` (channels_last codes come
+        straight out of ``ops.quantize_codes``, not from a layout copy of NCHW codes)."""
+        return act.quantize(x, channels_last=self._cl and x.dim() == 4)
 
     def _glue(self, node: dict, env: dict):
         fn = GLUE[node["fn"]]

@@ -619,22 +619,32 @@ def _check_step(delta) -> None:
 
 
 @torch.library.custom_op("pdquant::quantize_codes", mutates_args=())
-def quantize_codes(x: Tensor, delta: float, zp: int, bits: int) -> Tensor:
+def quantize_codes(
+    x: Tensor, delta: float, zp: int, bits: int, channels_last: bool = False
+) -> Tensor:
     """float32 activations -> uint8 codes ``clamp(round_half_even(x / delta) + zp, 0,
     2^bits - 1)`` (float32, true division): the activation quantizer's codes, as the packed
-    runtime feeds them to ``qconv2d``/``qlinear``. Output: ``x``'s shape and memory format.
-    See :func:`~.reference.quantize_codes_reference`. Any strides are accepted."""
+    runtime feeds them to ``qconv2d``/``qlinear``. Output: ``x``'s shape and memory format, or
+    with ``channels_last`` (4-d ``x`` only) channels_last codes (the image -> integer-stem
+    step of a channels_last runtime, without a separate layout copy). See
+    :func:`~.reference.quantize_codes_reference`. Any strides are accepted."""
     _check_dtype_any_strides("x", x, torch.float32, "float32 tensor")
+    if channels_last and x.dim() != 4:
+        raise OpInputError(
+            f"channels_last codes need a 4-d [N, C, H, W] x, got shape {tuple(x.shape)}"
+        )
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise OpInputError(f"bits must be an int in 2..8, got {bits!r}")
     _check_step(delta)
     if isinstance(zp, bool) or not isinstance(zp, int) or not 0 <= zp < (1 << bits):
         raise OpInputError(f"zp must be an int in 0..{(1 << bits) - 1} for {bits} bits, got {zp!r}")
-    return _run("quantize_codes", x.device, None)(x, float(delta), zp, bits)
+    return _run("quantize_codes", x.device, None)(x, float(delta), zp, bits, channels_last)
 
 
 @quantize_codes.register_fake
-def _(x, delta, zp, bits):
+def _(x, delta, zp, bits, channels_last=False):
+    if channels_last:
+        return torch.empty_like(x, dtype=torch.uint8, memory_format=torch.channels_last)
     return torch.empty_like(x, dtype=torch.uint8)
 
 

@@ -392,13 +392,15 @@ def qlinear_acc_reference(x: torch.Tensor, x_zp: int, w: torch.Tensor) -> torch.
     return (xi @ w.to(torch.float64).t()).to(torch.int32)
 
 
-def quantize_codes_reference(x: torch.Tensor, delta: float, zp: int, bits: int) -> torch.Tensor:
+def quantize_codes_reference(
+    x: torch.Tensor, delta: float, zp: int, bits: int, channels_last: bool = False
+) -> torch.Tensor:
     """``clamp(round_half_even(x / delta) + zp, 0, 2^bits - 1)`` as uint8, in float32 with true
     division by the float32 ``delta`` (the simulation's ``round(x / delta) + zp``). Keeps ``x``'s
-    memory format."""
+    memory format, or (``channels_last``, 4-d ``x``) returns channels_last codes."""
     d = torch.tensor(float(delta), dtype=torch.float32, device=x.device)
-    q = torch.clamp(torch.round(x / d) + float(zp), 0, (1 << bits) - 1)
-    return q.to(torch.uint8)
+    q = torch.clamp(torch.round(x / d) + float(zp), 0, (1 << bits) - 1).to(torch.uint8)
+    return q.contiguous(memory_format=torch.channels_last) if channels_last else q
 
 
 def max_pool2d_codes_reference(x: torch.Tensor, kernel_size, stride, padding) -> torch.Tensor:
