@@ -221,7 +221,7 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
   }
   const int64_t ptaps = pk->dense ? pk->KH : ntaps;  // taps of the panel (dense: kernel rows)
   const int64_t nblocks = (pk->Og + kBlock - 1) / kBlock;
-  pk->sb = superblocks(nblocks);
+  pk->sb = superblocks(nblocks, /*allow4=*/true);
   int64_t off = 0, b0 = 0;
   for (int s : pk->sb) {
     pk->sb_block0.push_back(b0);
@@ -929,10 +929,11 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       u.ldc = ldc;
       u.mode = pk.mode;
       u.wide = wide;
-      for (int half = 0; half * kMR < rows; ++half) {
-        for (int m = 0; m < kMR; ++m) u.a[m] = rowp[half * kMR + m];
-        u.mr = std::min(kMR, rows - half * kMR);
-        u.c = cbuf + half * kMR * ldc;
+      const int step = u.jb == 4 ? kMR4 : kMR;  // rows per micro-kernel call
+      for (int r0 = 0; r0 < rows; r0 += step) {
+        u.mr = std::min(step, rows - r0);
+        for (int m = 0; m < kMR; ++m) u.a[m] = rowp[r0 + (m < u.mr ? m : 0)];
+        u.c = cbuf + r0 * ldc;
         ukernel(isa, u);
       }
       const int64_t oc0 = pk.sb_block0[s] * kBlock;  // channel within the group

@@ -166,12 +166,15 @@ void set_isa(const std::string& name) {
   g_forced.store(static_cast<int>(checked(parse_isa(name, "isa"), "set_isa")));
 }
 
-std::vector<int> superblocks(int64_t nblocks) {
+std::vector<int> superblocks(int64_t nblocks, bool allow4) {
+  // Exactly 4 blocks (64 channels) with allow4: one 4-block superblock (6 rows per call), so
+  // the pixels stream once instead of twice as 2 + 2.
+  if (allow4 && nblocks == 4) return {4};
   std::vector<int> sizes;
   int64_t left = nblocks;
   while (left > 0) {
     // 4 -> 2+2 and 1 left after 3s -> borrow: ... 3, 2, 2 (a 1-block call has 8 accumulators).
-    int take = left == 4 ? 2 : static_cast<int>(std::min<int64_t>(left, kMaxJB));
+    int take = left == 4 ? 2 : static_cast<int>(std::min<int64_t>(left, kStdJB));
     sizes.push_back(take);
     left -= take;
   }
@@ -249,7 +252,7 @@ PDQ_VNNI static void uk_vnni_t(const UkArgs& g) {
   __m512i acc[MR][JB];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 3
+#pragma GCC unroll 4
     for (int j = 0; j < JB; ++j) acc[m][j] = _mm512_setzero_si512();
   const int8_t* w = g.w;
   for (int t = 0; t < g.ntaps; ++t) {
@@ -258,13 +261,13 @@ PDQ_VNNI static void uk_vnni_t(const UkArgs& g) {
     for (int m = 0; m < MR; ++m) a[m] = g.a[m] + g.toff[t];
     for (int64_t k = 0; k < g.cgroups; ++k) {
       __m512i wv[JB];
-#pragma GCC unroll 3
+#pragma GCC unroll 4
       for (int j = 0; j < JB; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
       w += 64 * JB;
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
         const __m512i b = _mm512_set1_epi32(load_i32(a[m] + 4 * k));
-#pragma GCC unroll 3
+#pragma GCC unroll 4
         for (int j = 0; j < JB; ++j)
           acc[m][j] = S16 ? _mm512_dpwssd_epi32(acc[m][j], b, wv[j])
                           : _mm512_dpbusd_epi32(acc[m][j], b, wv[j]);
@@ -273,7 +276,7 @@ PDQ_VNNI static void uk_vnni_t(const UkArgs& g) {
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 3
+#pragma GCC unroll 4
     for (int j = 0; j < JB; ++j) _mm512_storeu_si512(g.c + m * g.ldc + 16 * j, acc[m][j]);
 }
 
@@ -427,6 +430,10 @@ template <bool S16>
 static void uk_vnni(const UkArgs& g) {
 #define PDQ_UK_CASE(MR_, JB_) \
   if (mr == MR_ && g.jb == JB_) return uk_vnni_t<MR_, JB_, S16>(g);
+  if (g.jb == 4) {  // at most kMR4 rows
+    const int mr = g.mr <= 1 ? 1 : g.mr <= 2 ? 2 : g.mr <= 4 ? 4 : 6;
+    PDQ_UK_CASE(6, 4) PDQ_UK_CASE(4, 4) PDQ_UK_CASE(2, 4) PDQ_UK_CASE(1, 4)
+  }
   const int mr = g.mr <= 1 ? 1 : g.mr <= 2 ? 2 : g.mr <= 4 ? 4 : 8;
   PDQ_UK_CASE(8, 3) PDQ_UK_CASE(8, 2) PDQ_UK_CASE(8, 1)
   PDQ_UK_CASE(4, 3) PDQ_UK_CASE(4, 2) PDQ_UK_CASE(4, 1)

@@ -47,7 +47,9 @@ void set_isa(const std::string& name);
 
 constexpr int kBlock = 16;     // output channels per weight block (16 int32 lanes of a zmm)
 constexpr int kMR = 8;         // A rows per micro-kernel call (8 x 3 zmm accumulators = 24)
-constexpr int kMaxJB = 3;      // blocks per superblock: 24 acc + 3 weights + 1 broadcast <= 32 zmm
+constexpr int kStdJB = 3;      // blocks per superblock: 24 acc + 3 weights + 1 broadcast <= 32 zmm
+constexpr int kMaxJB = 4;      // 4-block superblocks (64-channel convs) run 6 rows per call:
+constexpr int kMR4 = 6;        //   24 acc + 4 weights + 1 broadcast = 29 zmm
 constexpr int kTileRows = 16;  // rows per epilogue tile (a 16x16 int32 transpose for NCHW out)
 
 enum class KMode : int {
@@ -166,8 +168,9 @@ void pad_to_nhwc(const uint8_t* x, bool x_nhwc, int64_t C, int64_t H, int64_t W,
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Splits nblocks 16-channel blocks into superblocks of <= kMaxJB blocks: sizes 3,3,...,r
-// with the remainder r in 1..3, (4 blocks: 2+2, so no superblock of 1 when avoidable).
-std::vector<int> superblocks(int64_t nblocks);
+// Splits nblocks 16-channel blocks into superblocks of <= kStdJB blocks: sizes 3,3,...,r
+// with the remainder r in 1..3, (4 blocks: 2+2, so no superblock of 1 when avoidable); with
+// allow4 (convs), exactly 4 blocks are one superblock of 4 (kMR4 rows per micro-kernel call).
+std::vector<int> superblocks(int64_t nblocks, bool allow4 = false);
 
 }  // namespace pdquant::qk
