@@ -4,7 +4,9 @@ vectorised PyTorch search against the ``mse_search_2d`` op with a given clip ran
 The signed activation tensors are the ones a real calibration initialises: the quickstart job
 (EfficientNet-Lite0, the foolbox wheel's ImageNet images 0..9, W4A8) is run with
 ``init_qparams`` wrapped to record every per-tensor input whose search is two-dimensional
-(``--record-iters`` iterations per unit; the init does not depend on them). Then, for each
+(``--record-iters`` iterations per unit, no DC steps; a unit's activations are the quantized
+model's, so those of later units depend on how earlier units were reconstructed: real
+activations of a short real calibration, not of the 10-iteration one). Then, for each
 recorded tensor, ``--rounds`` interleaved rounds time
 
 * ``pytorch``: :func:`pdquant_fast.quant.mse_search_2d` with ``score_on`` (the loop the engine
