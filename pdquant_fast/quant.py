@@ -224,9 +224,10 @@ def init_qparams(
     """
     if not torch.isfinite(x).all():
         raise ValueError("cannot initialise a quantizer on a tensor containing NaN or Inf")
-    if x.min() >= 0:
+    x_lo, x_hi = torch.aminmax(x)  # one pass: the sides here, the 2-D search's range below
+    if x_lo >= 0:
         side = "pos"
-    elif x.max() <= 0:
+    elif x_hi <= 0:
         side = "neg"
     else:
         side = "no"
@@ -242,8 +243,8 @@ def init_qparams(
     elif side == "no":
         # per tensor: one row (the subsample, or all of x) searched over the whole tensor's range
         row = (x if sample is None else sample).reshape(1, -1).float().contiguous()
-        xf = x.float()
-        d, z = ops.mse_search_2d(row, bits, 100, xf.amin().reshape(1), xf.amax().reshape(1))
+        lo, hi = x_lo.float().reshape(1), x_hi.float().reshape(1)
+        d, z = ops.mse_search_2d(row, bits, 100, lo, hi)
         d, z = d[0], z[0]
     else:
         d, z = mse_search_1d(x, bits, channel_wise, side, score_on=sample)
