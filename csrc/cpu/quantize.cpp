@@ -95,10 +95,27 @@ PDQ_VBMI void quantize_rows_cl_vbmi(const float* x, int64_t C, int64_t H, int64_
 }
 #endif
 
-// x [N, C, H, W] dense NCHW -> channels_last codes. C <= 4 with VBMI: interleaved row by row;
-// otherwise the codes in x's layout, then one layout copy.
-at::Tensor quantize_cl_from_nchw(const at::Tensor& x, float d, float z, float qmax,
-                                 int64_t bits, double delta, int64_t zp);
+// x [N, C, H, W] contiguous NCHW -> channels_last codes, interleaved row by row, where C <= 4
+// and VBMI is active; else an undefined tensor (the caller then copies the layout).
+at::Tensor quantize_cl_interleaved(const at::Tensor& x, float d, float z, float qmax) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+#ifdef PDQ_X86
+  if (C <= 4 && active_isa() == Isa::kAvx512Vnni && has_vbmi()) {
+    at::Tensor q = at::empty({N, C, H, W}, x.options().dtype(at::kByte),
+                             at::MemoryFormat::ChannelsLast);
+    if (q.numel() == 0) return q;
+    const float* xp = x.data_ptr<float>();
+    uint8_t* qp = q.data_ptr<uint8_t>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
+    at::parallel_for(0, N * H, grain, [&](int64_t b, int64_t e) {
+      quantize_rows_cl_vbmi(xp, C, H, W, b, e, qp, d, z, qmax);
+    });
+    return q;
+  }
+#endif
+  (void)N, (void)C, (void)H, (void)W, (void)d, (void)z, (void)qmax;
+  return {};
+}
 
 at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, int64_t bits,
                               bool channels_last) {
@@ -116,10 +133,14 @@ at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, 
   check(!channels_last || x_in.dim() == 4,
         "channels_last codes need a 4-d [N, C, H, W] x, got " + std::to_string(x_in.dim()) +
             " dims");
+  const float d = static_cast<float>(delta), z = static_cast<float>(zp);
+  const float qmax = static_cast<float>((1 << bits) - 1);
   if (channels_last && !x_in.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    const at::Tensor x = x_in.contiguous();
-    return quantize_cl_from_nchw(x, static_cast<float>(delta), static_cast<float>(zp),
-                                 static_cast<float>((1 << bits) - 1), bits, delta, zp);
+    const at::Tensor xc = x_in.contiguous();
+    at::Tensor q = quantize_cl_interleaved(xc, d, z, qmax);
+    if (q.defined()) return q;
+    return quantize_codes_cpu(xc, delta, zp, bits, false)
+        .contiguous(at::MemoryFormat::ChannelsLast);
   }
   // dense in some dim order (contiguous, channels_last, ...): keep the layout, walk the storage
   const bool dense = x_in.is_non_overlapping_and_dense();
@@ -127,8 +148,6 @@ at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, 
   at::Tensor q = at::empty_like(x, x.options().dtype(at::kByte));
   const int64_t n = x.numel();
   if (n == 0) return q;
-  const float d = static_cast<float>(delta), z = static_cast<float>(zp);
-  const float qmax = static_cast<float>((1 << bits) - 1);
   const float* xp = x.data_ptr<float>();
   uint8_t* qp = q.data_ptr<uint8_t>();
   const bool simd = active_isa() == Isa::kAvx512Vnni;
@@ -140,27 +159,6 @@ at::Tensor quantize_codes_cpu(const at::Tensor& x_in, double delta, int64_t zp, 
     quantize_scalar(xp + i0, qp + i0, i1 - i0, d, z, qmax);
   });
   return q;
-}
-
-at::Tensor quantize_cl_from_nchw(const at::Tensor& x, float d, float z, float qmax,
-                                 int64_t bits, double delta, int64_t zp) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-#ifdef PDQ_X86
-  if (C <= 4 && active_isa() == Isa::kAvx512Vnni && has_vbmi()) {
-    at::Tensor q = at::empty({N, C, H, W}, x.options().dtype(at::kByte),
-                             at::MemoryFormat::ChannelsLast);
-    if (q.numel() == 0) return q;
-    const float* xp = x.data_ptr<float>();
-    uint8_t* qp = q.data_ptr<uint8_t>();
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
-    at::parallel_for(0, N * H, grain, [&](int64_t b, int64_t e) {
-      quantize_rows_cl_vbmi(xp, C, H, W, b, e, qp, d, z, qmax);
-    });
-    return q;
-  }
-#endif
-  (void)d, (void)z, (void)qmax;
-  return quantize_codes_cpu(x, delta, zp, bits, false).contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 void dequantize_scalar(const uint8_t* q, float* y, int64_t n, float delta, float zp) {
