@@ -41,19 +41,14 @@ batch, w_bits, a_bits = int(batch), int(w_bits), int(a_bits)
 warmup, repeat, threads = int(warmup), int(repeat), int(threads)
 in_bits = int(in_bits) or None
 torch.set_num_threads(threads)
-from bench_packed_latency import build
+from bench_packed_latency import build, export_quick
 from pdquant_fast.deploy import memory
 model, shape = build(name)
 x8 = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
 if impl == "packed":
-    from pdquant_fast.deploy import export_packed, load_packed
-    from pdquant_fast.deploy.parity import quick_quantize
-    q = quick_quantize(model, x8, w_bits, a_bits, input_a_bits=in_bits)
+    from pdquant_fast.deploy import load_packed
     tmp = tempfile.mkdtemp()
-    label = "torchvision:resnet18" if name == "resnet18" else name
-    export_packed(q, tmp, fp_model=model, model_info={"name": label, "input_size": shape},
-                  source={"w_bits": w_bits, "a_bits": a_bits, "input_a_bits": in_bits,
-                          "method": "quick"})
+    export_quick(name, model, shape, w_bits, a_bits, in_bits, tmp)
     f = load_packed(tmp)
 else:
     if memory.tune_malloc_enabled():

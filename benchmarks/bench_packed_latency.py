@@ -76,6 +76,29 @@ def build(name: str) -> tuple[torch.nn.Module, list[int]]:
     return model, list(info.input_size)
 
 
+def export_quick(
+    name: str,
+    model: torch.nn.Module,
+    shape: list[int],
+    w_bits: int,
+    a_bits: int,
+    input_bits: int | None,
+    folder,
+) -> dict:
+    """Quick-quantize ``model`` (activation ranges from 8 seeded random images) and export it to
+    ``folder`` as a packed model; returns the manifest."""
+    x8 = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+    q = quick_quantize(model, x8, w_bits, a_bits, input_a_bits=input_bits)
+    label = f"torchvision:{name}" if name == "resnet18" else name
+    return export_packed(
+        q,
+        folder,
+        fp_model=model,
+        model_info={"name": label, "input_size": shape},
+        source={"w_bits": w_bits, "a_bits": a_bits, "input_a_bits": input_bits, "method": "quick"},
+    )
+
+
 def parse_format(text: str, parser: argparse.ArgumentParser) -> tuple[int, int]:
     """``"w4a4"`` -> ``(4, 4)``; anything else is a usage error naming what is allowed."""
     t = text.lower()
@@ -122,23 +145,8 @@ def main(argv=None) -> int:
     rows = []
     for name, (w_bits, a_bits) in [(m, f) for m in args.models for f in formats]:
         model, shape = build(name)
-        gen = torch.Generator().manual_seed(0)
-        x8 = torch.randn(8, *shape, generator=gen)
-        q = quick_quantize(model, x8, w_bits, a_bits, input_a_bits=args.input_bits)
         with tempfile.TemporaryDirectory() as tmp:
-            label = f"torchvision:{name}" if name == "resnet18" else name
-            man = export_packed(
-                q,
-                tmp,
-                fp_model=model,
-                model_info={"name": label, "input_size": shape},
-                source={
-                    "w_bits": w_bits,
-                    "a_bits": a_bits,
-                    "input_a_bits": args.input_bits,
-                    "method": "quick",
-                },
-            )
+            man = export_quick(name, model, shape, w_bits, a_bits, args.input_bits, tmp)
             sizes = man["sizes"]
             print(
                 f"{name} W{w_bits}A{a_bits}: packed {sizes['packed_bytes']:,} bytes vs FP32 "
