@@ -115,6 +115,9 @@ CONV_SHAPES = [
     # 49-64 output channels: one 4-block superblock, 6 rows per micro-kernel call (tiles of
     # 16 rows = 6 + 6 + 4; ragged last tiles)
     (2, 16, 5, 7, 64, 3, 1, 1, 1),
+    # 16 output channels: four NHWC rows leave the epilogue in one 64-byte store (P = 35: a
+    # ragged last tile of 3 rows)
+    (2, 16, 5, 7, 16, 3, 1, 1, 1),
     (1, 8, 6, 9, 49, 3, 2, 1, 1),
 ]
 
@@ -268,20 +271,32 @@ def test_qconv2d_dense_rows_are_chosen_for_shallow_inputs_only():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_qconv2d_rounding_ties_and_clamps(isa):
-    """y exactly on .5 (half to even), codes below 0 and above 2^b - 1 (clamped)."""
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("c_out", [24, 16])
+def test_qconv2d_rounding_ties_and_clamps(isa, act, c_out):
+    """y exactly on .5 (half to even), codes below 0 and above 2^b - 1 (clamped), after each
+    activation (the epilogue drops the lower clamp after ReLU), zero points from 0 to 2^b - 1;
+    16 output channels take the NHWC epilogue's one-store path for four rows."""
     _C.qkernels_set_isa_cpu(isa)
     g = torch.Generator().manual_seed(4)
     x = torch.randint(0, 16, (2, 8, 6, 6), generator=g, dtype=torch.uint8)
-    w = torch.randint(-7, 8, (24, 8, 3, 3), generator=g, dtype=torch.int8)
-    scale = torch.full((24,), 0.5)  # odd acc -> y = k + 0.5: a tie at out_scale 1
-    bias = torch.zeros(24)
-    for out_bits, out_zp in ((4, 8), (8, 128), (2, 1)):
-        args = (5, w, scale, bias, [1, 1], [1, 1], 1, 0, None, 1.0, out_zp, out_bits)
-        ref = qconv2d_reference(x, *args)
-        out = _C.qconv2d_cpu(x, *args)
-        assert torch.equal(out, ref)
-        assert int(ref.min()) == 0 and int(ref.max()) == (1 << out_bits) - 1  # both clamps hit
+    w = torch.randint(-7, 8, (c_out, 8, 3, 3), generator=g, dtype=torch.int8)
+    scale = torch.full((c_out,), 0.5)  # odd acc -> y = k + 0.5: a tie at out_scale 1
+    bias = torch.zeros(c_out)
+    cases = ((4, 8, 1.0), (8, 128, 1.0), (2, 1, 1.0), (4, 0, 1.0), (4, 15, 1.0), (2, 3, 1.0))
+    # act 2 clamps y to 6: out_scale 0.25 puts 6 at code 24 + zp, beyond 4 bits
+    cases += ((4, 2, 0.25), (8, 250, 1e-30))  # 1e-30: y / s overflows int32 (and to inf)
+    for out_bits, out_zp, out_scale in cases:
+        for cl in (False, True):
+            xx = x.contiguous(memory_format=torch.channels_last) if cl else x
+            args = (5, w, scale, bias, [1, 1], [1, 1], 1, act, None, out_scale, out_zp, out_bits)
+            ref = qconv2d_reference(x, *args)
+            out = _C.qconv2d_cpu(xx, *args)
+            assert torch.equal(out, ref), (out_bits, out_zp, out_scale, cl)
+        if act == 0 and out_scale == 1.0 and 0 < out_zp < (1 << out_bits) - 1:
+            assert int(ref.min()) == 0 and int(ref.max()) == (1 << out_bits) - 1  # both clamps
+        if (act == 1 and out_scale == 1.0 and out_zp < 8) or (act == 2 and out_scale == 0.25):
+            assert int(ref.max()) == (1 << out_bits) - 1  # the upper clamp after the activation
     y = qconv2d_acc_reference(x, 5, w, [1, 1], [1, 1], 1).float() * 0.5
     assert bool(((y - y.floor()) == 0.5).any())  # ties really occur
 
@@ -380,6 +395,8 @@ def _good_conv_args():
         (9, torch.zeros(1, 8, 4, 4), "residual must have the output's shape"),
         (10, 0.0, "out_scale must be finite and > 0"),
         (12, 9, "out_bits must be 0"),
+        (11, 16, "out_zp must be in 0..15 for out_bits = 4"),
+        (11, -1, "out_zp must be in 0..15"),
     ],
 )
 def test_qconv2d_bad_input(index, value, message):

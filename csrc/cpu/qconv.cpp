@@ -354,8 +354,7 @@ PDQ_VBMI void dw_planar_t(const uint8_t* const* planes, int nch, int64_t wb, int
     pl[ci] = planes[cc];
     w[ci] = wq + cc * KH * ntg;
   }
-  const __m512 vs = _mm512_set1_ps(e.out_scale), vzp = _mm512_set1_ps(e.out_zp);
-  const __m512 vqmax = _mm512_set1_ps(e.qmax);
+  const QOut qo = qout(e);
   for (int64_t oh = 0; oh < Ho; ++oh)
     for (int64_t ow0 = 0; ow0 < Wo; ow0 += 16) {
       const int64_t npix = std::min<int64_t>(16, Wo - ow0);
@@ -380,8 +379,7 @@ PDQ_VBMI void dw_planar_t(const uint8_t* const* planes, int nch, int64_t wb, int
                                o + (ci < nch ? ci : nch - 1) * P, k);
       if constexpr (CODES) {
         store_lanes(static_cast<uint8_t*>(e.out) + o, P,
-                    narrow4(qvec(y[0], vs, vzp, vqmax), qvec(y[1], vs, vzp, vqmax),
-                            qvec(y[2], vs, vzp, vqmax), qvec(y[3], vs, vzp, vqmax)),
+                    narrow4(qcode(y[0], qo), qcode(y[1], qo), qcode(y[2], qo), qcode(y[3], qo)),
                     nch, k);
       } else {
         for (int ci = 0; ci < nch; ++ci)
@@ -459,8 +457,7 @@ template <bool CODES, bool RES, int ACT>
 PDQ_VNNI void nchw_gemm_t(const uint8_t* x4, const int32_t* wn, const NchwGeom& g,
                           const Epilogue& e, int64_t n, int64_t p_begin, int64_t p_end) {
   const int64_t pvalid = g.Ho * g.Wp;
-  const __m512 vs = _mm512_set1_ps(e.out_scale), vzp = _mm512_set1_ps(e.out_zp);
-  const __m512 vqmax = _mm512_set1_ps(e.qmax);
+  const QOut qo = qout(e);
   for (int64_t p0 = p_begin; p0 < p_end; p0 += 64) {
     // Per 16-lane vector: valid lanes (p' < Ho * Wp, ow < Wo), first output index, count.
     __mmask16 m[4];
@@ -552,7 +549,7 @@ PDQ_VNNI void nchw_gemm_t(const uint8_t* x4, const int32_t* wn, const NchwGeom& 
           __m512i q[4];
 #pragma GCC unroll 4
           for (int o = 0; o < 4; ++o) {
-            q[o] = qvec(y[o], vs, vzp, vqmax);
+            q[o] = qcode(y[o], qo);
             if (!dense) q[o] = _mm512_maskz_compress_epi32(m[j], q[o]);
           }
           store_lanes(static_cast<uint8_t*>(e.out) + out0, g.P, narrow4(q[0], q[1], q[2], q[3]),
@@ -665,7 +662,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   check(C == pk.Cg * groups, "x has C = " + std::to_string(C) + " channels but w expects " +
                                  std::to_string(pk.Cg) + " x groups " + std::to_string(groups));
-  check_requant_args(x_zp, act, out_scale, out_bits, scale, bias, pk.O, "qconv2d");
+  check_requant_args(x_zp, act, out_scale, out_bits, out_zp, scale, bias, pk.O, "qconv2d");
   const auto stride = pair_arg(stride_in, "stride");
   const auto padding = pair_arg(padding_in, "padding");
   const int64_t sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];

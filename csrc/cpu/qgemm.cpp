@@ -55,8 +55,8 @@ void check_codes_input(const at::Tensor& x, const char* op) {
 }
 
 void check_requant_args(int64_t x_zp, int64_t act, double out_scale, int64_t out_bits,
-                        const at::Tensor& scale, const at::Tensor& bias, int64_t O,
-                        const char* op) {
+                        int64_t out_zp, const at::Tensor& scale, const at::Tensor& bias,
+                        int64_t O, const char* op) {
   auto check = [op](bool ok, const std::string& msg) {
     if (!ok) throw std::invalid_argument(std::string(op) + ": " + msg);
   };
@@ -69,6 +69,10 @@ void check_requant_args(int64_t x_zp, int64_t act, double out_scale, int64_t out
   if (out_bits > 0)
     check(std::isfinite(out_scale) && out_scale > 0,
           "out_scale must be finite and > 0 for code output, got " + std::to_string(out_scale));
+  if (out_bits > 0)
+    check(0 <= out_zp && out_zp <= (int64_t{1} << out_bits) - 1,
+          "out_zp must be in 0.." + std::to_string((1 << out_bits) - 1) + " for out_bits = " +
+              std::to_string(out_bits) + ", got " + std::to_string(out_zp));
   for (const auto& [t, name] : {std::pair{&scale, "scale"}, std::pair{&bias, "bias"}}) {
     check(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == O &&
               t->is_contiguous() && t->device().is_cpu(),
@@ -577,8 +581,7 @@ PDQ_VNNI static inline void transpose16(__m512i r[16]) {
 template <bool CODES, bool RES, int ACT>
 PDQ_VNNI_INLINE void cols_vnni_t(const Epilogue& e, const __m512i* r, int n, int64_t o0,
                                  int64_t base0, int64_t ch_stride, __mmask16 k, __m512i sxv) {
-  const __m512 vs = _mm512_set1_ps(e.out_scale), vzp = _mm512_set1_ps(e.out_zp);
-  const __m512 vqmax = _mm512_set1_ps(e.qmax);
+  const QOut qo = qout(e);
   for (int i0 = 0; i0 < n; i0 += 4) {
     const int nv = std::min(4, n - i0);
     __m512 y[4];
@@ -594,8 +597,7 @@ PDQ_VNNI_INLINE void cols_vnni_t(const Epilogue& e, const __m512i* r, int n, int
     const int64_t base = base0 + i0 * ch_stride;
     if constexpr (CODES) {
       uint8_t* outb = static_cast<uint8_t*>(e.out) + base;
-      const __m512i b = narrow4(qvec(y[0], vs, vzp, vqmax), qvec(y[1], vs, vzp, vqmax),
-                                qvec(y[2], vs, vzp, vqmax), qvec(y[3], vs, vzp, vqmax));
+      const __m512i b = narrow4(qcode(y[0], qo), qcode(y[1], qo), qcode(y[2], qo), qcode(y[3], qo));
       store_lane(outb, _mm512_castsi512_si128(b), k);
       if (nv > 1) store_lane(outb + ch_stride, opaque(_mm512_extracti32x4_epi32(b, 1)), k);
       if (nv > 2) store_lane(outb + 2 * ch_stride, opaque(_mm512_extracti32x4_epi32(b, 2)), k);
@@ -615,8 +617,7 @@ PDQ_VNNI_INLINE void cols_vnni_t(const Epilogue& e, const __m512i* r, int n, int
 template <bool CODES, bool RES, int ACT>
 PDQ_VNNI static void epilogue_vnni_t(const Epilogue& e, const int32_t* c, int64_t ldc,
                                      const TileDst& d) {
-  const __m512 vs = _mm512_set1_ps(e.out_scale), vzp = _mm512_set1_ps(e.out_zp);
-  const __m512 vqmax = _mm512_set1_ps(e.qmax);
+  const QOut qo = qout(e);
   float* outf = static_cast<float*>(e.out);
   uint8_t* outb = static_cast<uint8_t*>(e.out);
   if (d.ch_stride == 1) {
@@ -642,13 +643,13 @@ PDQ_VNNI static void epilogue_vnni_t(const Epilogue& e, const int32_t* c, int64_
           y[i] = yvec<RES, ACT>(v, sc, bi, e, d.base + r * d.row_stride + j0, k);
         }
         if constexpr (CODES) {
-          const __m512i b = narrow4(qvec(y[0], vs, vzp, vqmax), qvec(y[1], vs, vzp, vqmax),
-                                    qvec(y[2], vs, vzp, vqmax), qvec(y[3], vs, vzp, vqmax));
+          const __m512i b = narrow4(qcode(y[0], qo), qcode(y[1], qo), qcode(y[2], qo), qcode(y[3], qo));
           uint8_t* p = outb + d.base + r0 * d.row_stride + j0;
-          store_lane(p, _mm512_castsi512_si128(b), k);
-          if (nv > 1) store_lane(p + d.row_stride, opaque(_mm512_extracti32x4_epi32(b, 1)), k);
-          if (nv > 2) store_lane(p + 2 * d.row_stride, opaque(_mm512_extracti32x4_epi32(b, 2)), k);
-          if (nv > 3) store_lane(p + 3 * d.row_stride, opaque(_mm512_extracti32x4_epi32(b, 3)), k);
+          if (nv == 4 && k == 0xFFFF && d.row_stride == 16) {
+            _mm512_storeu_si512(p, b);  // 16-channel rows: four rows are 64 contiguous bytes
+          } else {
+            store_lanes(p, d.row_stride, b, nv, k);
+          }
         } else {
           float* p = outf + d.base + r0 * d.row_stride + j0;
           for (int i = 0; i < nv; ++i) store_f32(p + i * d.row_stride, y[i], k);

@@ -132,11 +132,12 @@ void epilogue(Isa isa, const Epilogue& e, const int32_t* c, int64_t ldc, const T
 std::string shape_str(const at::Tensor& t);
 
 // The argument checks qconv2d and qlinear share (errors: std::invalid_argument prefixed with
-// `op`): x uint8 on the CPU; then x_zp, act, out_bits, out_scale, and scale/bias float32 [O].
+// `op`): x uint8 on the CPU; then x_zp, act, out_bits, out_scale, out_zp (0..2^out_bits - 1
+// for code output) and scale/bias float32 [O].
 void check_codes_input(const at::Tensor& x, const char* op);
 void check_requant_args(int64_t x_zp, int64_t act, double out_scale, int64_t out_bits,
-                        const at::Tensor& scale, const at::Tensor& bias, int64_t O,
-                        const char* op);
+                        int64_t out_zp, const at::Tensor& scale, const at::Tensor& bias,
+                        int64_t O, const char* op);
 // Fills the requantisation fields of e shared by qconv2d and qlinear (not off/sx/residual).
 void set_requant(Epilogue& e, int64_t x_zp, const at::Tensor& sumw, const at::Tensor& scale,
                  const at::Tensor& bias, int64_t act, double out_scale, int64_t out_zp,

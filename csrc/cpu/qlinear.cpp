@@ -192,7 +192,7 @@ at::Tensor run(const PackedLinear& pk, const at::Tensor& x_in, int64_t x_zp,
   check(x_in.size(1) == pk.K, "x has K = " + std::to_string(x_in.size(1)) + " but w has K = " +
                                   std::to_string(pk.K));
   const int64_t O = pk.O, K = pk.K;
-  check_requant_args(x_zp, act, out_scale, out_bits, scale, bias, O, "qlinear");
+  check_requant_args(x_zp, act, out_scale, out_bits, out_zp, scale, bias, O, "qlinear");
   const at::Tensor x = x_in.contiguous();
   const int64_t N = x.size(0);
   at::Tensor out = at::empty({N, O}, x.options().dtype(out_bits ? at::kByte : at::kFloat));

@@ -75,9 +75,32 @@ PDQ_VNNI_INLINE __m512i qvec(__m512 y, __m512 s, __m512 zp, __m512 qmax) {
   return _mm512_cvttps_epi32(v);
 }
 
-// Four int32 code vectors (0..255) -> 128-bit lane i holds the 16 bytes of q_i. vpackssdw +
-// vpackuswb + vpermd: 1.1 cycles per vector against 2.0 for one vpmovdb each (Zen 4, measured
-// in a throughput loop); the saturating packs are exact since codes are already clamped.
+// The epilogue's output codes, clamp(round_half_even(y / s) + zp, 0, qmax), as
+// round_half_even(min(y / s, qmax - zp)) + zp in int32 (vcvtps2dq with static round-to-nearest-
+// even), three vector ops where qvec takes five. The same codes: rounding is monotone and keeps
+// the integer bound, below 2^24 the contract's float add of zp is exact and beyond it both clamp
+// to the same bound; the lower clamp is left to narrow4, whose saturating packs turn every
+// negative int32 (down to INT32_MIN, what vcvtps2dq gives for -inf and values below -2^31) into
+// code 0. So every caller narrows these through narrow4. Needs 0 <= zp <= qmax
+// (check_requant_args).
+struct QOut {
+  __m512 s, hi;
+  __m512i zp;
+};
+PDQ_VNNI_INLINE QOut qout(const Epilogue& e) {
+  return {_mm512_set1_ps(e.out_scale), _mm512_set1_ps(e.qmax - e.out_zp),
+          _mm512_set1_epi32(static_cast<int32_t>(e.out_zp))};
+}
+PDQ_VNNI_INLINE __m512i qcode(__m512 y, const QOut& p) {
+  const __m512 v = _mm512_min_ps(_mm512_div_ps(y, p.s), p.hi);
+  return _mm512_add_epi32(
+      _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), p.zp);
+}
+
+// Four int32 code vectors -> 128-bit lane i holds the 16 bytes of q_i. vpackssdw + vpackuswb +
+// vpermd: 1.1 cycles per vector against 2.0 for one vpmovdb each (Zen 4, measured in a throughput
+// loop). The packs saturate: values in 0..255 pass unchanged, negative ones become 0 (qcode
+// relies on that), values above 255 would become 255 (callers clamp to qmax <= 255 first).
 PDQ_VNNI_INLINE __m512i narrow4(__m512i q0, __m512i q1, __m512i q2, __m512i q3) {
   const __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(q0, q1), _mm512_packs_epi32(q2, q3));
   return _mm512_permutexvar_epi32(
