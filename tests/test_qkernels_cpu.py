@@ -115,6 +115,9 @@ CONV_SHAPES = [
     # 49-64 output channels: one 4-block superblock, 6 rows per micro-kernel call (tiles of
     # 16 rows = 6 + 6 + 4; ragged last tiles)
     (2, 16, 5, 7, 64, 3, 1, 1, 1),
+    # several superblocks: pixel-major (127 and 100 channels above: panels of a few KB) and,
+    # above 256 KB of panel (2304 x 128 bytes here), superblock-major
+    (2, 256, 3, 5, 128, 3, 1, 1, 1),
     # 16 output channels: four NHWC rows leave the epilogue in one 64-byte store (P = 35: a
     # ragged last tile of 3 rows)
     (2, 16, 5, 7, 16, 3, 1, 1, 1),
