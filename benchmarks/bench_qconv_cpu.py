@@ -11,9 +11,13 @@ Candidates, timed in the same process, moments apart (``benchmarks.common.measur
 ``--repeat`` calls after warm-up; p10/p90 kept):
 
 * ``fp32``: ``torch.nn.functional.conv2d`` on float32 NCHW (oneDNN);
-* ``qint8``: PyTorch's own quantized conv, ``torch.ops.quantized.conv2d`` with the ``x86``
+* ``qint8``: PyTorch's own quantized conv, ``torch.ops.quantized.conv2d_relu`` with the ``x86``
   engine (``torch.backends.quantized.engine = "x86"``), quint8 channels_last activations (its
-  native layout), per-channel qint8 weights prepacked once, quint8 output;
+  native layout) with zero point 0 (a ReLU output's, as in the int8 models), per-channel qint8
+  weights prepacked once, quint8 output. The zero point matters to FBGEMM: with 8 (what rows
+  without ``qint8_x_zp`` used) the same 3x3 convs took 4.37 / 4.51 / 5.41 ms against 4.17 /
+  3.79 / 3.49 ms with 0 (ResNet-18 64@56, 256@14, 512@7, batch 8, one thread, 2026-11-26),
+  so those older rows understate it by 5-35%;
 * ``W4A4``, ``W2A4``, ``W2A2``, ``W8A8``: ours, ``pdquant_fast._C.qconv2d_cpu`` with weights
   from ``qconv2d_prepack_cpu`` (what the packed runtime does), NCHW uint8 codes in (the
   runtime's layout), uint8 codes out (``out_bits`` = a_bits, ReLU). All four run the same
@@ -76,6 +80,9 @@ from pdquant_fast.ops import backends  # noqa: E402
 from pdquant_fast.ops.reference import qconv2d_reference, qlinear_reference  # noqa: E402
 
 SUITE = "qconv_cpu"
+#: Zero point of the qint8 baseline's input (rows record it as ``qint8_x_zp``; rows without the
+#: key used 8).
+QINT8_X_ZP = 0
 #: VNNI int8 peak per Zen 4 core (KERNEL_ANCHORS.md 3.1, measured: 934 GOPS on 2 cores).
 VNNI_GOPS_PER_CORE = 467.0
 BITS = {"W4A4": (4, 4), "W2A4": (2, 4), "W2A2": (2, 2), "W8A8": (8, 8)}
@@ -213,8 +220,10 @@ def _qint8_conv(layer: Layer, x: torch.Tensor):
     packed = torch.ops.quantized.conv2d_prepack(
         qw, None, list(layer.stride), list(layer.padding), [1, 1], layer.groups
     )
+    # zero point 0: a ReLU output's, what torch.ao gives the int8 models' post-ReLU activations;
+    # FBGEMM runs a nonzero zero point markedly slower (QINT8_X_ZP in the module docstring)
     qx = torch.quantize_per_tensor(
-        x.float().contiguous(memory_format=torch.channels_last), 0.05, 8, torch.quint8
+        x.float().contiguous(memory_format=torch.channels_last), 15 / 255, QINT8_X_ZP, torch.quint8
     )
     return lambda: torch.ops.quantized.conv2d_relu(qx, packed, 0.1, 0)
 
@@ -298,6 +307,7 @@ def conv_rows(models, batches, repeat, threads) -> list[dict]:
                             "x_qint8_p10": res["qint8"][0].p10_s / t.p10_s,
                             "macs": macs,
                             "threads": threads,
+                            "qint8_x_zp": QINT8_X_ZP,
                             "loadavg_1m": os.getloadavg()[0],
                         }
                     )
@@ -320,6 +330,7 @@ def conv_rows(models, batches, repeat, threads) -> list[dict]:
                         "x_qint8_p10": totals_p10["qint8"] / totals_p10[cand],
                         "macs": macs_total,
                         "threads": threads,
+                        "qint8_x_zp": QINT8_X_ZP,
                         "loadavg_1m": os.getloadavg()[0],
                     }
                 )
