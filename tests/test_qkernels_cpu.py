@@ -115,6 +115,10 @@ CONV_SHAPES = [
     # 49-64 output channels: one 4-block superblock, 6 rows per micro-kernel call (tiles of
     # 16 rows = 6 + 6 + 4; ragged last tiles)
     (2, 16, 5, 7, 64, 3, 1, 1, 1),
+    # edge rows (kernel rows in the vertical padding skipped): padding 3 > the 3x3 kernel's
+    # reach, so some output rows read nothing but padding; stride 2 with padding 2
+    (1, 8, 2, 5, 20, 3, 1, 3, 1),
+    (2, 12, 9, 6, 33, 3, 2, 2, 1),
     # several superblocks: pixel-major (127 and 100 channels above: panels of a few KB) and,
     # above 256 KB of panel (2304 x 128 bytes here), superblock-major
     (2, 256, 3, 5, 128, 3, 1, 1, 1),

@@ -32,8 +32,10 @@
 //     pixels (two 8-row micro-kernel calls, or 6 + 6 + 4 for a 64-channel superblock),
 //     columns = a superblock of up to 48 (or exactly 64) output channels, reduction = taps x
 //     channel groups, weights prepacked into [kgroup][16 ch][4] panels (qgemm.h). Any kernel
-//     size and stride. The epilogue writes NHWC directly or NCHW through 16x16 in-register
-//     transposes.
+//     size and stride. Output rows whose top or bottom kernel rows fall in the vertical
+//     padding skip those kernel rows (their tiles stay within such a range of rows; the
+//     epilogue's zero-point term uses the sum of the kernel rows that ran). The epilogue writes
+//     NHWC directly or NCHW through 16x16 in-register transposes.
 //   * depthwise (groups == C == O): NCHW x with VBMI: planar kernel (one vpermb + vpdpbusd per
 //     kernel row and 4 taps for 16 outputs); otherwise vectors along 16 channels of an NHWC
 //     copy, tap pairs with vpdpwssd (AVX2/scalar: int32 multiply-add per tap).
@@ -83,6 +85,7 @@ struct PackedConv {
   int32_t max_abs_w = 0;
   at::Tensor panel;  // int8 bytes: [groups][superblock panels]
   at::Tensor sumw;   // int32 [O]: sum of w over C/groups x KH x KW (of the shifted w, below)
+  at::Tensor rowsumw;  // int32 [KH][O]: the same sum per kernel row (edge rows, run())
   // Shifted int8 mode (one group, weights beyond int8 whose per-channel offsets span at most
   // 256 values: 8-bit weights, offsets w_code - w_zp in [-zp, 255 - zp]): the panel holds
   // w - s[o] in [-128, 127] and the epilogue adds s[o] * (sum of the receptive field's
@@ -100,7 +103,7 @@ struct PackedConv {
     return (panel.defined() ? panel.nbytes() : 0) + (dw.defined() ? dw.nbytes() : 0) +
            (dw2.defined() ? dw2.nbytes() : 0) + (dwq.defined() ? dwq.nbytes() : 0) +
            (wn.defined() ? wn.nbytes() : 0) + (off.defined() ? off.nbytes() : 0) +
-           sumw.nbytes();
+           sumw.nbytes() + rowsumw.nbytes();
   }
 };
 
@@ -207,6 +210,13 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
     }
   }
   pk->mode = fits_int8 || pk->off.defined() ? KMode::kU8S8 : KMode::kS16;
+  pk->rowsumw = at::zeros({pk->KH, pk->O}, at::kInt);
+  int32_t* rsw = pk->rowsumw.data_ptr<int32_t>();
+  for (int64_t o = 0; o < pk->O; ++o)
+    for (int64_t c = 0; c < pk->Cg; ++c)
+      for (int64_t kh = 0; kh < pk->KH; ++kh)
+        for (int64_t kw = 0; kw < pk->KW; ++kw)
+          rsw[kh * pk->O + o] += wp[o * K + (c * pk->KH + kh) * pk->KW + kw];
   if (groups == 1 && fits_int8) {
     const int64_t c4n = (pk->Cg + 3) / 4, ob = (pk->O + 3) / 4;
     pk->wn = at::zeros({ob, ntaps, c4n, 4}, at::kInt);
@@ -897,11 +907,59 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const int8_t* panel = pk.panel.data_ptr<int8_t>();
   const bool wide = pk.max_abs_w > 64;
   constexpr int64_t ldc = kBlock * kMaxJB;
+  // Edge rows: an output row whose top (or bottom) kernel rows fall in the vertical padding
+  // skips them: the micro-kernel runs only the kernel rows [kh_lo, kh_hi] that read the image
+  // (one contiguous run of taps and of the panel), and the epilogue subtracts x_zp times the sum
+  // of those kernel rows' weights instead of all of them. The skipped padding would have added
+  // x_zp * w and the full sum subtracted it again: the same accumulator, exactly. Output rows
+  // with the same run form one range, and tiles (up to 16 pixels) do not cross ranges. For a
+  // 3x3 conv with padding 1 that drops a third of the work of the first and last output rows
+  // (8x8 outputs: 1/12 of the layer). One group only (kernel rows merged), not int16.
+  struct RowRange {
+    int64_t oh_end, kh_lo, nkh;
+    const int32_t* sumw;  // null: all kernel rows (e.sumw)
+  };
+  std::vector<RowRange> ranges;
+  std::vector<std::vector<int32_t>> range_sumw;
+  const bool edge_rows = merge_kw && !s16 && ph > 0;
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    int64_t lo = 0, hi = pk.KH - 1;
+    if (edge_rows) {
+      lo = std::max<int64_t>(0, ph - oh * sh);
+      hi = std::min<int64_t>(pk.KH - 1, H - 1 + ph - oh * sh);
+    }
+    const int64_t nkh = std::max<int64_t>(0, hi - lo + 1);
+    if (!ranges.empty() && ranges.back().kh_lo == lo && ranges.back().nkh == nkh) {
+      ranges.back().oh_end = oh + 1;
+    } else {
+      ranges.push_back({oh + 1, lo, nkh, nullptr});
+    }
+  }
+  for (auto& r : ranges) {
+    if (r.nkh == pk.KH) continue;
+    std::vector<int32_t> sw(O, 0);
+    const int32_t* rsw = pk.rowsumw.data_ptr<int32_t>();
+    for (int64_t kh = r.kh_lo; kh < r.kh_lo + r.nkh; ++kh)
+      for (int64_t o = 0; o < O; ++o) sw[o] += rsw[kh * O + o];
+    range_sumw.push_back(std::move(sw));
+    r.sumw = range_sumw.back().data();
+  }
+  struct Tile {
+    int64_t p0;
+    int rows;
+    int range;
+  };
+  std::vector<Tile> tiles;  // the same for every image
+  for (size_t ri = 0, oh0 = 0; ri < ranges.size(); oh0 = ranges[ri].oh_end, ++ri)
+    for (int64_t p = oh0 * Wo; p < ranges[ri].oh_end * Wo; p += kTileRows)
+      tiles.push_back({p, static_cast<int>(std::min<int64_t>(kTileRows, ranges[ri].oh_end * Wo - p)),
+                       static_cast<int>(ri)});
+  const int64_t ntl = static_cast<int64_t>(tiles.size());
   // Items: (image, tile) with every superblock inside in pixel-major order; otherwise ordered
   // (group, superblock) outermost, so each thread works through whole weight panels (<= 48
   // channels x K bytes, L2-resident) while the pixels stream.
   const int64_t nsb_in = pix_major ? nsb : 1;  // superblocks per item
-  at::parallel_for(0, groups * (nsb / nsb_in) * N * ntiles, 1, [&](int64_t b, int64_t en) {
+  at::parallel_for(0, groups * (nsb / nsb_in) * N * ntl, 1, [&](int64_t b, int64_t en) {
     alignas(64) int32_t cbuf[kTileRows * ldc];
     const uint8_t* rowp[kTileRows];
     std::vector<uint8_t> scratch(per_image ? img_bytes + slack : 0);
@@ -912,12 +970,14 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     if (own_sx) el.sx = sx_img.data();
     int64_t padded = -1;  // the image in scratch
     for (int64_t it = b; it < en; ++it) {
-      const int64_t tile = it % ntiles;
-      const int64_t n = (it / ntiles) % N;
-      const int64_t s_item = pix_major ? 0 : (it / (ntiles * N)) % nsb;
-      const int64_t g = pix_major ? 0 : it / (ntiles * N * nsb);
-      const int64_t p0 = tile * kTileRows;
-      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, P - p0));
+      const Tile& tl = tiles[it % ntl];
+      const RowRange& rg = ranges[tl.range];
+      const int64_t n = (it / ntl) % N;
+      const int64_t s_item = pix_major ? 0 : (it / (ntl * N)) % nsb;
+      const int64_t g = pix_major ? 0 : it / (ntl * N * nsb);
+      const int64_t p0 = tl.p0;
+      const int rows = tl.rows;
+      el.sumw = rg.sumw != nullptr ? rg.sumw : e.sumw;
       const uint8_t* img;
       if (per_image) {
         if (padded != n) {
@@ -935,11 +995,17 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       });
       for (int64_t s = s_item; s < s_item + nsb_in; ++s) {
         UkArgs u;
-        u.toff = toff.data();
-        u.ntaps = static_cast<int>(ntap_eff);
-        u.cgroups = cgroups_eff;
-        u.w = panel + g * pk.group_bytes + pk.sb_off[s];
         u.jb = pk.sb[s];
+        if (merge_kw) {  // the kernel rows of this tile's range
+          u.toff = toff.data() + rg.kh_lo;
+          u.ntaps = static_cast<int>(rg.nkh);
+        } else {
+          u.toff = toff.data();
+          u.ntaps = static_cast<int>(ntap_eff);
+        }
+        u.cgroups = cgroups_eff;
+        u.w = panel + g * pk.group_bytes + pk.sb_off[s] +
+              (merge_kw ? rg.kh_lo * cgroups_eff * 64 * u.jb : 0);
         u.ldc = ldc;
         u.mode = pk.mode;
         u.wide = wide;
