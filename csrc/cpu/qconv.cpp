@@ -853,10 +853,10 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // Pixel-major order (one group, several superblocks whose panels fit in L2 together, the
   // kPixMajorPanel bound): each tile of 16 pixels runs every superblock before the next tile, so
   // its rows are read from memory once and then from L1, instead of once per superblock. In a
-  // model the input comes from DRAM, not from cache (ResNet-18 at batch 8, one thread: the
-  // strided 1x1 downsample 64->128 took 0.42 ms with a warm input and 0.91 ms after a 64 MB
-  // sweep, as in the model). Larger panels keep superblock-major order (a panel stays in L2
-  // while the pixels stream).
+  // model a layer runs about as slowly as with its input evicted from every cache (ResNet-18 at
+  // batch 8, one thread: the strided 1x1 downsample 64->128 took 0.42 ms with a warm input,
+  // 0.91 ms after a 64 MB sweep and 0.89 ms in the model). Larger panels keep superblock-major
+  // order (a panel stays in L2 while the pixels stream).
   const bool pix_major = groups == 1 && nsb > 1 && pk.group_bytes <= kPixMajorPanel;
   // Per-image padding: when the tiles run image after image (one superblock, or pixel-major
   // order) each thread pads the image it is about to work on into its own small buffer
