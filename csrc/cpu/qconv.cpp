@@ -615,8 +615,9 @@ inline void row_pointers(const uint8_t** ptr, int rows, int64_t p0, int64_t Wo, 
 
 // Receptive-field sums of one padded NHWC image (the shifted int8 weights' correction):
 // sx[oh * Wo + ow] = sum over kh < KH, kw < KW, c < Cg of
-// img[((oh sh + kh) Wp + ow sw + kw) ct + c] - zk. Separable, in three passes that vectorise along the pixels: per-pixel channel sums S,
-// KW-wide sums along each padded row R, KH-tall sums of R (the loops before were ordered
+// img[((oh sh + kh) Wp + ow sw + kw) ct + c] - zk. Separable, in three passes that vectorise
+// along the pixels: per-pixel channel sums S, KW-wide sums along each padded row R, KH-tall sums
+// of R (the loops before were ordered
 // reduction-innermost and ran scalar: 22% of the ResNet-20 integer stem). Exact in int32: a sum
 // is at most 255 * K, far inside the op's int32 accumulator bound on K.
 struct ReceptiveSums {
@@ -920,7 +921,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     const int32_t* sumw;  // null: all kernel rows (e.sumw)
   };
   std::vector<RowRange> ranges;
-  std::vector<std::vector<int32_t>> range_sumw;
+  std::vector<std::vector<int32_t>> range_sumw;  // the sums RowRange::sumw points into
   const bool edge_rows = merge_kw && !s16 && ph > 0;
   for (int64_t oh = 0; oh < Ho; ++oh) {
     int64_t lo = 0, hi = pk.KH - 1;
@@ -935,6 +936,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       ranges.push_back({oh + 1, lo, nkh, nullptr});
     }
   }
+  range_sumw.reserve(ranges.size());  // no reallocation: the pointers stay valid
   for (auto& r : ranges) {
     if (r.nkh == pk.KH) continue;
     std::vector<int32_t> sw(O, 0);
@@ -950,10 +952,13 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     int range;
   };
   std::vector<Tile> tiles;  // the same for every image
-  for (size_t ri = 0, oh0 = 0; ri < ranges.size(); oh0 = ranges[ri].oh_end, ++ri)
-    for (int64_t p = oh0 * Wo; p < ranges[ri].oh_end * Wo; p += kTileRows)
-      tiles.push_back({p, static_cast<int>(std::min<int64_t>(kTileRows, ranges[ri].oh_end * Wo - p)),
-                       static_cast<int>(ri)});
+  for (size_t ri = 0; ri < ranges.size(); ++ri) {
+    const int64_t p_begin = ri == 0 ? 0 : ranges[ri - 1].oh_end * Wo;
+    const int64_t p_end = ranges[ri].oh_end * Wo;
+    for (int64_t p = p_begin; p < p_end; p += kTileRows)
+      tiles.push_back(
+          {p, static_cast<int>(std::min<int64_t>(kTileRows, p_end - p)), static_cast<int>(ri)});
+  }
   const int64_t ntl = static_cast<int64_t>(tiles.size());
   // Items: (image, tile) with every superblock inside in pixel-major order; otherwise ordered
   // (group, superblock) outermost, so each thread works through whole weight panels (<= 48

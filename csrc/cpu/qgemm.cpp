@@ -643,7 +643,8 @@ PDQ_VNNI static void epilogue_vnni_t(const Epilogue& e, const int32_t* c, int64_
           y[i] = yvec<RES, ACT>(v, sc, bi, e, d.base + r * d.row_stride + j0, k);
         }
         if constexpr (CODES) {
-          const __m512i b = narrow4(qcode(y[0], qo), qcode(y[1], qo), qcode(y[2], qo), qcode(y[3], qo));
+          const __m512i b =
+              narrow4(qcode(y[0], qo), qcode(y[1], qo), qcode(y[2], qo), qcode(y[3], qo));
           uint8_t* p = outb + d.base + r0 * d.row_stride + j0;
           if (nv == 4 && k == 0xFFFF && d.row_stride == 16) {
             _mm512_storeu_si512(p, b);  // 16-channel rows: four rows are 64 contiguous bytes
