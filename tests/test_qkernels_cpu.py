@@ -119,6 +119,10 @@ CONV_SHAPES = [
     # reach, so some output rows read nothing but padding; stride 2 with padding 2
     (1, 8, 2, 5, 20, 3, 1, 3, 1),
     (2, 12, 9, 6, 33, 3, 2, 2, 1),
+    # edge columns too (deep input, output at most 14 wide, channels_last): corner, edge and
+    # interior blocks of scattered pixels; stride 2
+    (2, 128, 7, 6, 40, 3, 1, 1, 1),
+    (1, 120, 9, 11, 24, 3, 2, 1, 1),
     # several superblocks: pixel-major (127 and 100 channels above: panels of a few KB) and,
     # above 256 KB of panel (2304 x 128 bytes here), superblock-major
     (2, 256, 3, 5, 128, 3, 1, 1, 1),

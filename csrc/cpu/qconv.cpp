@@ -66,6 +66,7 @@ namespace {
 // in bytes: every superblock's panel stays in L2 (1 MB per core on Zen 4) next to the image.
 constexpr int64_t kPixMajorPanel = 256 * 1024;
 
+
 // Weights prepacked for this file's kernels (the blob qconv2d_prepack_cpu returns).
 struct PackedConv {
   int64_t O = 0, Cg = 0, KH = 0, KW = 0, groups = 1, Og = 0;
@@ -85,7 +86,7 @@ struct PackedConv {
   int32_t max_abs_w = 0;
   at::Tensor panel;  // int8 bytes: [groups][superblock panels]
   at::Tensor sumw;   // int32 [O]: sum of w over C/groups x KH x KW (of the shifted w, below)
-  at::Tensor rowsumw;  // int32 [KH][O]: the same sum per kernel row (edge rows, run())
+  at::Tensor tapsumw;  // int32 [KH][KW][O]: the same sum per kernel tap (edges, run())
   // Shifted int8 mode (one group, weights beyond int8 whose per-channel offsets span at most
   // 256 values: 8-bit weights, offsets w_code - w_zp in [-zp, 255 - zp]): the panel holds
   // w - s[o] in [-128, 127] and the epilogue adds s[o] * (sum of the receptive field's
@@ -103,7 +104,7 @@ struct PackedConv {
     return (panel.defined() ? panel.nbytes() : 0) + (dw.defined() ? dw.nbytes() : 0) +
            (dw2.defined() ? dw2.nbytes() : 0) + (dwq.defined() ? dwq.nbytes() : 0) +
            (wn.defined() ? wn.nbytes() : 0) + (off.defined() ? off.nbytes() : 0) +
-           sumw.nbytes() + rowsumw.nbytes();
+           sumw.nbytes() + tapsumw.nbytes();
   }
 };
 
@@ -210,13 +211,11 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
     }
   }
   pk->mode = fits_int8 || pk->off.defined() ? KMode::kU8S8 : KMode::kS16;
-  pk->rowsumw = at::zeros({pk->KH, pk->O}, at::kInt);
-  int32_t* rsw = pk->rowsumw.data_ptr<int32_t>();
+  pk->tapsumw = at::zeros({pk->KH, pk->KW, pk->O}, at::kInt);
+  int32_t* tsw = pk->tapsumw.data_ptr<int32_t>();
   for (int64_t o = 0; o < pk->O; ++o)
     for (int64_t c = 0; c < pk->Cg; ++c)
-      for (int64_t kh = 0; kh < pk->KH; ++kh)
-        for (int64_t kw = 0; kw < pk->KW; ++kw)
-          rsw[kh * pk->O + o] += wp[o * K + (c * pk->KH + kh) * pk->KW + kw];
+      for (int64_t t = 0; t < ntaps; ++t) tsw[t * pk->O + o] += wp[(o * pk->Cg + c) * ntaps + t];
   if (groups == 1 && fits_int8) {
     const int64_t c4n = (pk->Cg + 3) / 4, ob = (pk->O + 3) / 4;
     pk->wn = at::zeros({ob, ntaps, c4n, 4}, at::kInt);
@@ -898,7 +897,6 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // With one group a kernel row's KW taps are contiguous in the buffer (pixel after pixel, ct
   // channels each) and in the panel's k order (kh, kw, c): one "tap" per kernel row then.
   const bool merge_kw = groups == 1;
-  const int64_t ntap_eff = merge_kw ? pk.KH : ntaps;
   const int64_t cgroups_eff = pk.dense ? pk.cgroups : merge_kw ? pk.cgroups * pk.KW : pk.cgroups;
   std::vector<int64_t> toff(ntaps);
   for (int64_t kh = 0; kh < pk.KH; ++kh)
@@ -908,56 +906,134 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const int8_t* panel = pk.panel.data_ptr<int8_t>();
   const bool wide = pk.max_abs_w > 64;
   constexpr int64_t ldc = kBlock * kMaxJB;
-  // Edge rows: an output row whose top (or bottom) kernel rows fall in the vertical padding
-  // skips them: the micro-kernel runs only the kernel rows [kh_lo, kh_hi] that read the image
-  // (one contiguous run of taps and of the panel), and the epilogue subtracts x_zp times the sum
-  // of those kernel rows' weights instead of all of them. The skipped padding would have added
-  // x_zp * w and the full sum subtracted it again: the same accumulator, exactly. Output rows
-  // with the same run form one range, and tiles (up to 16 pixels) do not cross ranges. For a
-  // 3x3 conv with padding 1 that drops a third of the work of the first and last output rows
-  // (8x8 outputs: 1/12 of the layer). One group only (kernel rows merged), not int16.
-  struct RowRange {
-    int64_t oh_end, kh_lo, nkh;
-    const int32_t* sumw;  // null: all kernel rows (e.sumw)
+  // Edges: an output pixel whose kernel window reaches into the padding skips the kernel rows
+  // (top, bottom) and, for deep inputs on small outputs, the kernel columns (left, right) that
+  // read only padding: the micro-kernel runs the kernel rows [kh_lo, kh_lo + nkh) and, in each,
+  // the columns [kw_lo, kw_lo + nkw) (one contiguous run of bytes per kernel row; the panel's
+  // other columns skipped by wskip), and the epilogue subtracts x_zp times the weight sum of
+  // those taps instead of all of them. The skipped padding would have added x_zp * w and the
+  // full sum subtracted it again: the same accumulator, exactly. Pixels with the same window
+  // form one block (a range of output rows times a range of columns); tiles (up to 16 pixels)
+  // do not cross blocks. Rows alone keep tiles of consecutive pixels. With columns, a block
+  // that is not whole rows gives tiles of scattered pixels (outputs through TileDst::row_off, so
+  // NHWC output only, and not for dense rows or shifted 8-bit weights), and small blocks give
+  // short micro-kernel calls: columns are used only where a count of the micro-kernel's work
+  // (tiling_cost) says they save at least 5% (ResNet-18 at 14x14 yes, at 7x7 no: there the
+  // 5-pixel edge blocks run as 8-row calls). A 3x3 conv with padding 1 spends a third of the
+  // work of its first and last rows and columns on padding. One group only (kernel rows
+  // merged), not int16.
+  struct Span {
+    int64_t end, lo, n;  // output indices [previous end, end) read kernel taps [lo, lo + n)
   };
-  std::vector<RowRange> ranges;
-  std::vector<std::vector<int32_t>> range_sumw;  // the sums RowRange::sumw points into
+  auto spans = [](int64_t nout, int64_t stride, int64_t pad, int64_t K, int64_t in, bool on) {
+    std::vector<Span> v;
+    for (int64_t i = 0; i < nout; ++i) {
+      int64_t lo = 0, hi = K - 1;
+      if (on) {
+        lo = std::max<int64_t>(0, pad - i * stride);
+        hi = std::min<int64_t>(K - 1, in - 1 + pad - i * stride);
+      }
+      const int64_t n = std::max<int64_t>(0, hi - lo + 1);
+      if (!v.empty() && v.back().lo == lo && v.back().n == n) {
+        v.back().end = i + 1;
+      } else {
+        v.push_back({i + 1, lo, n});
+      }
+    }
+    return v;
+  };
   const bool edge_rows = merge_kw && !s16 && ph > 0;
-  for (int64_t oh = 0; oh < Ho; ++oh) {
-    int64_t lo = 0, hi = pk.KH - 1;
-    if (edge_rows) {
-      lo = std::max<int64_t>(0, ph - oh * sh);
-      hi = std::min<int64_t>(pk.KH - 1, H - 1 + ph - oh * sh);
+  const std::vector<Span> vsp = spans(Ho, sh, ph, pk.KH, H, edge_rows);
+  // Micro-kernel work of a tiling, in row x tap units: tiles of up to 16 pixels per block,
+  // calls of up to 8 rows rounded up to 1, 2, 4 or 8 as the kernel runs them, 1-2-row calls
+  // counted twice (too few accumulators to hide the vpdpbusd latency).
+  auto tiling_cost = [&](const std::vector<Span>& cs) {
+    int64_t cost = 0;
+    auto tiles_of = [&](int64_t npix, int64_t taps) {
+      for (int64_t q = 0; q < npix; q += kTileRows)
+        for (int64_t r0 = 0; r0 < std::min<int64_t>(kTileRows, npix - q); r0 += kMR) {
+          const int64_t m = std::min<int64_t>({kMR, kTileRows, npix - q - r0});
+          const int64_t run = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8;
+          cost += run * taps * (m <= 2 ? 2 : 1);
+        }
+    };
+    for (size_t vi = 0; vi < vsp.size(); ++vi) {
+      const int64_t nrows = vsp[vi].end - (vi == 0 ? 0 : vsp[vi - 1].end);
+      if (cs.size() == 1) {
+        tiles_of(nrows * Wo, vsp[vi].n * cs[0].n);
+        continue;
+      }
+      for (size_t ci = 0; ci < cs.size(); ++ci)
+        tiles_of(nrows * (cs[ci].end - (ci == 0 ? 0 : cs[ci - 1].end)), vsp[vi].n * cs[ci].n);
     }
-    const int64_t nkh = std::max<int64_t>(0, hi - lo + 1);
-    if (!ranges.empty() && ranges.back().kh_lo == lo && ranges.back().nkh == nkh) {
-      ranges.back().oh_end = oh + 1;
-    } else {
-      ranges.push_back({oh + 1, lo, nkh, nullptr});
-    }
-  }
-  range_sumw.reserve(ranges.size());  // no reallocation: the pointers stay valid
-  for (auto& r : ranges) {
-    if (r.nkh == pk.KH) continue;
-    std::vector<int32_t> sw(O, 0);
-    const int32_t* rsw = pk.rowsumw.data_ptr<int32_t>();
-    for (int64_t kh = r.kh_lo; kh < r.kh_lo + r.nkh; ++kh)
-      for (int64_t o = 0; o < O; ++o) sw[o] += rsw[kh * O + o];
-    range_sumw.push_back(std::move(sw));
-    r.sumw = range_sumw.back().data();
-  }
-  struct Tile {
-    int64_t p0;
-    int rows;
-    int range;
+    return cost;
   };
-  std::vector<Tile> tiles;  // the same for every image
-  for (size_t ri = 0; ri < ranges.size(); ++ri) {
-    const int64_t p_begin = ri == 0 ? 0 : ranges[ri - 1].oh_end * Wo;
-    const int64_t p_end = ranges[ri].oh_end * Wo;
-    for (int64_t p = p_begin; p < p_end; p += kTileRows)
-      tiles.push_back(
-          {p, static_cast<int>(std::min<int64_t>(kTileRows, p_end - p)), static_cast<int>(ri)});
+  std::vector<Span> csp = spans(Wo, sw, pw, pk.KW, W, false);
+  if (edge_rows && nhwc && pw > 0 && !pk.dense && !shifted) {
+    std::vector<Span> cols = spans(Wo, sw, pw, pk.KW, W, true);
+    // scattered tiles cost more outside the micro-kernel: columns must save 5%
+    if (cols.size() > 1 && 20 * tiling_cost(cols) < 19 * tiling_cost(csp)) csp = std::move(cols);
+  }
+  const bool edge_cols = csp.size() > 1;
+  struct Block {
+    std::vector<int64_t> toff;  // per kernel row of the run
+    int64_t kg0 = 0, cgroups = 0, kgskip = 0;  // panel k-groups: first, per tap, skipped after
+    std::vector<int32_t> sumw;  // empty: all taps (e.sumw)
+  };
+  std::vector<Block> blocks(vsp.size() * csp.size());
+  const int32_t* tsw = pk.tapsumw.data_ptr<int32_t>();
+  for (size_t vi = 0; vi < vsp.size(); ++vi)
+    for (size_t ci = 0; ci < csp.size(); ++ci) {
+      Block& bl = blocks[vi * csp.size() + ci];
+      const Span &vs = vsp[vi], &cs = csp[ci];
+      if (!merge_kw) {
+        bl.toff = toff;
+        bl.cgroups = cgroups_eff;
+        continue;
+      }
+      for (int64_t kh = vs.lo; kh < vs.lo + vs.n; ++kh)
+        bl.toff.push_back(toff[kh] + cs.lo * ct * elem);
+      if (edge_cols) {
+        bl.kg0 = (vs.lo * pk.KW + cs.lo) * pk.cgroups;
+        bl.cgroups = cs.n * pk.cgroups;
+        bl.kgskip = (pk.KW - cs.n) * pk.cgroups;
+      } else {
+        bl.kg0 = vs.lo * cgroups_eff;
+        bl.cgroups = cgroups_eff;
+      }
+      if (vs.n != pk.KH || cs.n != pk.KW) {
+        bl.sumw.assign(O, 0);
+        for (int64_t kh = vs.lo; kh < vs.lo + vs.n; ++kh)
+          for (int64_t kw = cs.lo; kw < cs.lo + cs.n; ++kw)
+            for (int64_t o = 0; o < O; ++o) bl.sumw[o] += tsw[(kh * pk.KW + kw) * O + o];
+      }
+    }
+  struct Tile {
+    int64_t p0;  // first pixel, or (scattered) first index into pix
+    int rows;
+    int block;
+    bool scattered;
+  };
+  std::vector<Tile> tiles;   // the same for every image
+  std::vector<int64_t> pix;  // pixels of the scattered tiles
+  for (size_t vi = 0; vi < vsp.size(); ++vi) {
+    const int64_t oh0 = vi == 0 ? 0 : vsp[vi - 1].end, oh1 = vsp[vi].end;
+    if (csp.size() == 1) {  // whole rows: consecutive pixels
+      for (int64_t p = oh0 * Wo; p < oh1 * Wo; p += kTileRows)
+        tiles.push_back({p, static_cast<int>(std::min<int64_t>(kTileRows, oh1 * Wo - p)),
+                         static_cast<int>(vi), false});
+      continue;
+    }
+    for (size_t ci = 0; ci < csp.size(); ++ci) {
+      const int64_t ow0 = ci == 0 ? 0 : csp[ci - 1].end, ow1 = csp[ci].end;
+      const int blk = static_cast<int>(vi * csp.size() + ci);
+      const int64_t first = static_cast<int64_t>(pix.size());
+      for (int64_t oh = oh0; oh < oh1; ++oh)
+        for (int64_t ow = ow0; ow < ow1; ++ow) pix.push_back(oh * Wo + ow);
+      const int64_t last = static_cast<int64_t>(pix.size());
+      for (int64_t q = first; q < last; q += kTileRows)
+        tiles.push_back({q, static_cast<int>(std::min<int64_t>(kTileRows, last - q)), blk, true});
+    }
   }
   const int64_t ntl = static_cast<int64_t>(tiles.size());
   // Items: (image, tile) with every superblock inside in pixel-major order; otherwise ordered
@@ -967,6 +1043,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   at::parallel_for(0, groups * (nsb / nsb_in) * N * ntl, 1, [&](int64_t b, int64_t en) {
     alignas(64) int32_t cbuf[kTileRows * ldc];
     const uint8_t* rowp[kTileRows];
+    int64_t row_off[kTileRows];
     std::vector<uint8_t> scratch(per_image ? img_bytes + slack : 0);
     // per-image shifted weights: this image's receptive-field sums, read at row p0 + r
     const bool own_sx = per_image && shifted;
@@ -976,13 +1053,13 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     int64_t padded = -1;  // the image in scratch
     for (int64_t it = b; it < en; ++it) {
       const Tile& tl = tiles[it % ntl];
-      const RowRange& rg = ranges[tl.range];
+      const Block& bl = blocks[tl.block];
       const int64_t n = (it / ntl) % N;
       const int64_t s_item = pix_major ? 0 : (it / (ntl * N)) % nsb;
       const int64_t g = pix_major ? 0 : it / (ntl * N * nsb);
       const int64_t p0 = tl.p0;
       const int rows = tl.rows;
-      el.sumw = rg.sumw != nullptr ? rg.sumw : e.sumw;
+      el.sumw = bl.sumw.empty() ? e.sumw : bl.sumw.data();
       const uint8_t* img;
       if (per_image) {
         if (padded != n) {
@@ -995,22 +1072,24 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       } else {
         img = xp + n * img_bytes;
       }
-      row_pointers(rowp, rows, p0, Wo, [&](int64_t oh, int64_t ow) {
-        return img + ((oh * sh * Wp + ow * sw) * ct + g * pk.cpg) * elem;
-      });
+      if (tl.scattered) {
+        for (int r = 0; r < kTileRows; ++r) {
+          const int64_t p = pix[p0 + std::min(r, rows - 1)];
+          rowp[r] = img + (((p / Wo) * sh * Wp + (p % Wo) * sw) * ct + g * pk.cpg) * elem;
+        }
+      } else {
+        row_pointers(rowp, rows, p0, Wo, [&](int64_t oh, int64_t ow) {
+          return img + ((oh * sh * Wp + ow * sw) * ct + g * pk.cpg) * elem;
+        });
+      }
       for (int64_t s = s_item; s < s_item + nsb_in; ++s) {
         UkArgs u;
         u.jb = pk.sb[s];
-        if (merge_kw) {  // the kernel rows of this tile's range
-          u.toff = toff.data() + rg.kh_lo;
-          u.ntaps = static_cast<int>(rg.nkh);
-        } else {
-          u.toff = toff.data();
-          u.ntaps = static_cast<int>(ntap_eff);
-        }
-        u.cgroups = cgroups_eff;
-        u.w = panel + g * pk.group_bytes + pk.sb_off[s] +
-              (merge_kw ? rg.kh_lo * cgroups_eff * 64 * u.jb : 0);
+        u.toff = bl.toff.data();
+        u.ntaps = static_cast<int>(bl.toff.size());
+        u.cgroups = bl.cgroups;
+        u.w = panel + g * pk.group_bytes + pk.sb_off[s] + bl.kg0 * 64 * u.jb;
+        u.wskip = bl.kgskip * 64 * u.jb;
         u.ldc = ldc;
         u.mode = pk.mode;
         u.wide = wide;
@@ -1023,8 +1102,14 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
         }
         const int64_t oc0 = pk.sb_block0[s] * kBlock;  // channel within the group
         const int cols = static_cast<int>(std::min<int64_t>(kBlock * u.jb, pk.Og - oc0));
-        TileDst d = dst(n, p0, g * pk.Og + oc0, rows, cols);
-        if (own_sx) d.sx_row0 = p0;
+        TileDst d;
+        if (tl.scattered) {  // NHWC output (edge_cols)
+          for (int r = 0; r < rows; ++r) row_off[r] = (n * P + pix[p0 + r]) * O + g * pk.Og + oc0;
+          d = {0, O, 1, g * pk.Og + oc0, rows, cols, 0, row_off};
+        } else {
+          d = dst(n, p0, g * pk.Og + oc0, rows, cols);
+          if (own_sx) d.sx_row0 = p0;
+        }
         epilogue(isa, el, cbuf, ldc, d);
       }
     }

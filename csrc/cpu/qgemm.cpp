@@ -198,7 +198,7 @@ static void uk_scalar(const UkArgs& g) {
     int32_t* c = g.c + m * g.ldc;
     for (int o = 0; o < ncol; ++o) c[o] = 0;
     const int8_t* w = g.w;
-    for (int t = 0; t < g.ntaps; ++t) {
+    for (int t = 0; t < g.ntaps; ++t, w += g.wskip) {
       const uint8_t* a = g.a[m] + g.toff[t];
       for (int64_t k = 0; k < g.cgroups; ++k, w += kstride) {
         if (g.mode == KMode::kU8S8) {
@@ -259,7 +259,7 @@ PDQ_VNNI static void uk_vnni_t(const UkArgs& g) {
 #pragma GCC unroll 4
     for (int j = 0; j < JB; ++j) acc[m][j] = _mm512_setzero_si512();
   const int8_t* w = g.w;
-  for (int t = 0; t < g.ntaps; ++t) {
+  for (int t = 0; t < g.ntaps; ++t, w += g.wskip) {
     const uint8_t* a[MR];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) a[m] = g.a[m] + g.toff[t];
@@ -336,7 +336,7 @@ PDQ_AVX2 static void uk_avx2_tile(const UkArgs& g, int m0, int j) {
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
   const int64_t kstride = 64 * g.jb;
   const int8_t* w = g.w + 64 * j;
-  for (int t = 0; t < g.ntaps; ++t) {
+  for (int t = 0; t < g.ntaps; ++t, w += g.wskip) {
     const uint8_t* a[4];
 #pragma GCC unroll 4
     for (int m = 0; m < 4; ++m) a[m] = g.a[m0 + m] + g.toff[t];
@@ -531,7 +531,7 @@ static void epilogue_scalar_t(const Epilogue& e, const int32_t* c, int64_t ldc,
   for (int r = 0; r < d.rows; ++r)
     for (int j = 0; j < d.cols; ++j)
       requant_one<CODES, RES, ACT>(e, c[r * ldc + j], d.o0 + j, d.sx_row0 + r,
-                                   d.base + r * d.row_stride + j * d.ch_stride);
+                                   row_at(d, r) + j * d.ch_stride);
 }
 
 template <bool CODES, bool RES, int ACT>
@@ -640,20 +640,27 @@ PDQ_VNNI static void epilogue_vnni_t(const Epilogue& e, const int32_t* c, int64_
           if (e.off)
             v = _mm512_sub_epi32(v,
                                  _mm512_mullo_epi32(of, _mm512_set1_epi32(e.sx[d.sx_row0 + r])));
-          y[i] = yvec<RES, ACT>(v, sc, bi, e, d.base + r * d.row_stride + j0, k);
+          y[i] = yvec<RES, ACT>(v, sc, bi, e, row_at(d, r) + j0, k);
         }
         if constexpr (CODES) {
           const __m512i b =
               narrow4(qcode(y[0], qo), qcode(y[1], qo), qcode(y[2], qo), qcode(y[3], qo));
-          uint8_t* p = outb + d.base + r0 * d.row_stride + j0;
-          if (nv == 4 && k == 0xFFFF && d.row_stride == 16) {
-            _mm512_storeu_si512(p, b);  // 16-channel rows: four rows are 64 contiguous bytes
+          if (d.row_off != nullptr) {
+            const __m128i lane[4] = {_mm512_castsi512_si128(b),
+                                     opaque(_mm512_extracti32x4_epi32(b, 1)),
+                                     opaque(_mm512_extracti32x4_epi32(b, 2)),
+                                     opaque(_mm512_extracti32x4_epi32(b, 3))};
+            for (int i = 0; i < nv; ++i) store_lane(outb + d.row_off[r0 + i] + j0, lane[i], k);
           } else {
-            store_lanes(p, d.row_stride, b, nv, k);
+            uint8_t* p = outb + d.base + r0 * d.row_stride + j0;
+            if (nv == 4 && k == 0xFFFF && d.row_stride == 16) {
+              _mm512_storeu_si512(p, b);  // 16-channel rows: four rows are 64 contiguous bytes
+            } else {
+              store_lanes(p, d.row_stride, b, nv, k);
+            }
           }
         } else {
-          float* p = outf + d.base + r0 * d.row_stride + j0;
-          for (int i = 0; i < nv; ++i) store_f32(p + i * d.row_stride, y[i], k);
+          for (int i = 0; i < nv; ++i) store_f32(outf + row_at(d, r0 + i) + j0, y[i], k);
         }
       }
     }
@@ -688,7 +695,8 @@ PDQ_VNNI static void epilogue_cols_vnni_t(const Epilogue& e, const int32_t* c, i
 
 
 static void epilogue_vnni(const Epilogue& e, const int32_t* c, int64_t ldc, const TileDst& d) {
-  if (d.ch_stride != 1 && d.row_stride != 1) return epilogue_scalar(e, c, ldc, d);
+  if (d.ch_stride != 1 && (d.row_stride != 1 || d.row_off != nullptr))
+    return epilogue_scalar(e, c, ldc, d);
   PDQ_EPI_DISPATCH(epilogue_vnni_t, e, c, ldc, d);
 }
 

@@ -63,6 +63,8 @@ struct UkArgs {
   const int64_t* toff;    // byte offset of each tap from the row pointer
   int ntaps;
   int64_t cgroups;  // 4-byte groups per tap
+  int64_t wskip = 0;  // panel bytes skipped after each tap (a conv tile that reads only some
+                      // kernel columns: the groups of the others)
   const int8_t* w;  // superblock panel
   int jb;           // 1..kMaxJB
   int mr;           // rows computed: 1, 2, 4 or 8 (rounded up by the caller)
@@ -125,7 +127,13 @@ struct TileDst {
   int rows;         // valid rows, <= kTileRows
   int cols;         // valid channels, <= kBlock * kMaxJB
   int64_t sx_row0;  // index of row 0 in Epilogue::sx
+  // If set (NHWC / ch_stride 1 only; not with Epilogue::sx): row r's element (r, o0) sits at
+  // flat index row_off[r] instead of base + r * row_stride (tiles of scattered pixels).
+  const int64_t* row_off = nullptr;
 };
+inline int64_t row_at(const TileDst& d, int r) {
+  return d.row_off != nullptr ? d.row_off[r] : d.base + r * d.row_stride;
+}
 void epilogue(Isa isa, const Epilogue& e, const int32_t* c, int64_t ldc, const TileDst& d);
 
 // "[d0, d1, ...]" for error messages.
