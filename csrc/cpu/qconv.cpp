@@ -33,8 +33,9 @@
 //     columns = a superblock of up to 48 (or exactly 64) output channels, reduction = taps x
 //     channel groups, weights prepacked into [kgroup][16 ch][4] panels (qgemm.h). Any kernel
 //     size and stride. Output rows whose top or bottom kernel rows fall in the vertical
-//     padding skip those kernel rows (their tiles stay within such a range of rows; the
-//     epilogue's zero-point term uses the sum of the kernel rows that ran). The epilogue writes
+//     padding skip those kernel rows, and where it pays (tiling_cost in run()) the left and
+//     right columns skip their kernel columns too (tiles stay within such a block of pixels;
+//     the epilogue's zero-point term uses the sum of the taps that ran). The epilogue writes
 //     NHWC directly or NCHW through 16x16 in-register transposes.
 //   * depthwise (groups == C == O): NCHW x with VBMI: planar kernel (one vpermb + vpdpbusd per
 //     kernel row and 4 taps for 16 outputs); otherwise vectors along 16 channels of an NHWC
