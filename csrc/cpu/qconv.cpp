@@ -945,27 +945,52 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   };
   const bool edge_rows = merge_kw && !s16 && ph > 0;
   const std::vector<Span> vsp = spans(Ho, sh, ph, pk.KH, H, edge_rows);
-  // Micro-kernel work of a tiling, in row x tap units: tiles of up to 16 pixels per block,
-  // calls of up to 8 rows rounded up to 1, 2, 4 or 8 as the kernel runs them, 1-2-row calls
-  // counted twice (too few accumulators to hide the vpdpbusd latency).
-  auto tiling_cost = [&](const std::vector<Span>& cs) {
-    int64_t cost = 0;
-    auto tiles_of = [&](int64_t npix, int64_t taps) {
-      for (int64_t q = 0; q < npix; q += kTileRows)
-        for (int64_t r0 = 0; r0 < std::min<int64_t>(kTileRows, npix - q); r0 += kMR) {
-          const int64_t m = std::min<int64_t>({kMR, kTileRows, npix - q - r0});
-          const int64_t run = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8;
-          cost += run * taps * (m <= 2 ? 2 : 1);
-        }
-    };
+  // Tiles of a tiling (rows vsp x columns cs; the same for every image): up to 16 pixels within
+  // one block (block vi * cs.size() + ci). With whole rows (one column span) the pixels are
+  // consecutive; otherwise each tile is a run of pix, the block's pixels in raster order.
+  struct Tile {
+    int64_t p0;  // first pixel, or (scattered) first index into pix
+    int rows;
+    int block;
+    bool scattered;
+  };
+  auto make_tiles = [&](const std::vector<Span>& cs, std::vector<Tile>& tiles,
+                        std::vector<int64_t>& pix) {
     for (size_t vi = 0; vi < vsp.size(); ++vi) {
-      const int64_t nrows = vsp[vi].end - (vi == 0 ? 0 : vsp[vi - 1].end);
-      if (cs.size() == 1) {
-        tiles_of(nrows * Wo, vsp[vi].n * cs[0].n);
+      const int64_t oh0 = vi == 0 ? 0 : vsp[vi - 1].end, oh1 = vsp[vi].end;
+      if (cs.size() == 1) {  // whole rows: consecutive pixels
+        for (int64_t p = oh0 * Wo; p < oh1 * Wo; p += kTileRows)
+          tiles.push_back({p, static_cast<int>(std::min<int64_t>(kTileRows, oh1 * Wo - p)),
+                           static_cast<int>(vi), false});
         continue;
       }
-      for (size_t ci = 0; ci < cs.size(); ++ci)
-        tiles_of(nrows * (cs[ci].end - (ci == 0 ? 0 : cs[ci - 1].end)), vsp[vi].n * cs[ci].n);
+      for (size_t ci = 0; ci < cs.size(); ++ci) {
+        const int64_t ow0 = ci == 0 ? 0 : cs[ci - 1].end, ow1 = cs[ci].end;
+        const int blk = static_cast<int>(vi * cs.size() + ci);
+        const int64_t first = static_cast<int64_t>(pix.size());
+        for (int64_t oh = oh0; oh < oh1; ++oh)
+          for (int64_t ow = ow0; ow < ow1; ++ow) pix.push_back(oh * Wo + ow);
+        const int64_t last = static_cast<int64_t>(pix.size());
+        for (int64_t q = first; q < last; q += kTileRows)
+          tiles.push_back({q, static_cast<int>(std::min<int64_t>(kTileRows, last - q)), blk, true});
+      }
+    }
+  };
+  // Micro-kernel work of a tiling, in row x tap units: its tiles' calls of up to 8 rows, rounded
+  // up to 1, 2, 4 or 8 as the kernel runs them, 1-2-row calls counted twice (too few
+  // accumulators to hide the vpdpbusd latency).
+  auto tiling_cost = [&](const std::vector<Span>& cs) {
+    std::vector<Tile> tiles;
+    std::vector<int64_t> pix;
+    make_tiles(cs, tiles, pix);
+    int64_t cost = 0;
+    for (const Tile& tl : tiles) {
+      const int64_t taps = vsp[tl.block / cs.size()].n * cs[tl.block % cs.size()].n;
+      for (int r0 = 0; r0 < tl.rows; r0 += kMR) {
+        const int m = std::min(kMR, tl.rows - r0);
+        const int64_t run = m <= 1 ? 1 : m <= 2 ? 2 : m <= 4 ? 4 : 8;
+        cost += run * taps * (m <= 2 ? 2 : 1);
+      }
     }
     return cost;
   };
@@ -1009,33 +1034,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
             for (int64_t o = 0; o < O; ++o) bl.sumw[o] += tsw[(kh * pk.KW + kw) * O + o];
       }
     }
-  struct Tile {
-    int64_t p0;  // first pixel, or (scattered) first index into pix
-    int rows;
-    int block;
-    bool scattered;
-  };
-  std::vector<Tile> tiles;   // the same for every image
+  std::vector<Tile> tiles;
   std::vector<int64_t> pix;  // pixels of the scattered tiles
-  for (size_t vi = 0; vi < vsp.size(); ++vi) {
-    const int64_t oh0 = vi == 0 ? 0 : vsp[vi - 1].end, oh1 = vsp[vi].end;
-    if (csp.size() == 1) {  // whole rows: consecutive pixels
-      for (int64_t p = oh0 * Wo; p < oh1 * Wo; p += kTileRows)
-        tiles.push_back({p, static_cast<int>(std::min<int64_t>(kTileRows, oh1 * Wo - p)),
-                         static_cast<int>(vi), false});
-      continue;
-    }
-    for (size_t ci = 0; ci < csp.size(); ++ci) {
-      const int64_t ow0 = ci == 0 ? 0 : csp[ci - 1].end, ow1 = csp[ci].end;
-      const int blk = static_cast<int>(vi * csp.size() + ci);
-      const int64_t first = static_cast<int64_t>(pix.size());
-      for (int64_t oh = oh0; oh < oh1; ++oh)
-        for (int64_t ow = ow0; ow < ow1; ++ow) pix.push_back(oh * Wo + ow);
-      const int64_t last = static_cast<int64_t>(pix.size());
-      for (int64_t q = first; q < last; q += kTileRows)
-        tiles.push_back({q, static_cast<int>(std::min<int64_t>(kTileRows, last - q)), blk, true});
-    }
-  }
+  make_tiles(csp, tiles, pix);
   const int64_t ntl = static_cast<int64_t>(tiles.size());
   // Items: (image, tile) with every superblock inside in pixel-major order; otherwise ordered
   // (group, superblock) outermost, so each thread works through whole weight panels (<= 48
@@ -1073,15 +1074,16 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       } else {
         img = xp + n * img_bytes;
       }
+      auto window = [&](int64_t oh, int64_t ow) {  // output pixel -> its window's first byte
+        return img + ((oh * sh * Wp + ow * sw) * ct + g * pk.cpg) * elem;
+      };
       if (tl.scattered) {
         for (int r = 0; r < kTileRows; ++r) {
           const int64_t p = pix[p0 + std::min(r, rows - 1)];
-          rowp[r] = img + (((p / Wo) * sh * Wp + (p % Wo) * sw) * ct + g * pk.cpg) * elem;
+          rowp[r] = window(p / Wo, p % Wo);
         }
       } else {
-        row_pointers(rowp, rows, p0, Wo, [&](int64_t oh, int64_t ow) {
-          return img + ((oh * sh * Wp + ow * sw) * ct + g * pk.cpg) * elem;
-        });
+        row_pointers(rowp, rows, p0, Wo, window);
       }
       for (int64_t s = s_item; s < s_item + nsb_in; ++s) {
         UkArgs u;
