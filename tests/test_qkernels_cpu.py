@@ -126,6 +126,10 @@ CONV_SHAPES = [
     # several superblocks: pixel-major (127 and 100 channels above: panels of a few KB) and,
     # above 256 KB of panel (2304 x 128 bytes here), superblock-major
     (2, 256, 3, 5, 128, 3, 1, 1, 1),
+    # edge blocks across the batch (superblock-major, so the whole batch is padded first): a
+    # 7x7 output's corners, edges and interior gathered over 3 images; 144 channels = 331 KB of
+    # panel, three superblocks
+    (3, 256, 7, 7, 144, 3, 1, 1, 1),
     # 16 output channels: four NHWC rows leave the epilogue in one 64-byte store (P = 35: a
     # ragged last tile of 3 rows)
     (2, 16, 5, 7, 16, 3, 1, 1, 1),

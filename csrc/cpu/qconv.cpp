@@ -919,10 +919,13 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // that is not whole rows gives tiles of scattered pixels (outputs through TileDst::row_off, so
   // NHWC output only, and not for dense rows or shifted 8-bit weights), and small blocks give
   // short micro-kernel calls: columns are used only where a count of the micro-kernel's work
-  // (tiling_cost) says they save at least 5% (ResNet-18 at 14x14 yes, at 7x7 no: there the
-  // 5-pixel edge blocks run as 8-row calls). A 3x3 conv with padding 1 spends a third of the
-  // work of its first and last rows and columns on padding. One group only (kernel rows
-  // merged), not int16.
+  // (tiling_cost) says they save at least 5%. Where the whole batch is padded up front, a
+  // block's tiles run through its pixels in every image, so calls are full (ResNet-18 at 7x7,
+  // batch 8: a corner block is one 8-row call, not eight 1-row ones; with per-image blocks the
+  // 7x7 layers had stayed on rows and took 4.0 ms, with batch blocks 3.55 ms, in the model).
+  // With per-image padding (the buffer holds one image) blocks stay per image. A 3x3 conv with
+  // padding 1 spends a third of the work of its first and last rows and columns on padding.
+  // One group only (kernel rows merged), not int16.
   struct Span {
     int64_t end, lo, n;  // output indices [previous end, end) read kernel taps [lo, lo + n)
   };
@@ -947,14 +950,15 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const std::vector<Span> vsp = spans(Ho, sh, ph, pk.KH, H, edge_rows);
   // Tiles of a tiling (rows vsp x columns cs; the same for every image): up to 16 pixels within
   // one block (block vi * cs.size() + ci). With whole rows (one column span) the pixels are
-  // consecutive; otherwise each tile is a run of pix, the block's pixels in raster order.
+  // consecutive; otherwise each tile is a run of pix, the block's pixels (image * P + pixel) in
+  // raster order over nimg images (1: one tile list per image; N: one for the batch).
   struct Tile {
     int64_t p0;  // first pixel, or (scattered) first index into pix
     int rows;
     int block;
     bool scattered;
   };
-  auto make_tiles = [&](const std::vector<Span>& cs, std::vector<Tile>& tiles,
+  auto make_tiles = [&](const std::vector<Span>& cs, int64_t nimg, std::vector<Tile>& tiles,
                         std::vector<int64_t>& pix) {
     for (size_t vi = 0; vi < vsp.size(); ++vi) {
       const int64_t oh0 = vi == 0 ? 0 : vsp[vi - 1].end, oh1 = vsp[vi].end;
@@ -968,8 +972,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
         const int64_t ow0 = ci == 0 ? 0 : cs[ci - 1].end, ow1 = cs[ci].end;
         const int blk = static_cast<int>(vi * cs.size() + ci);
         const int64_t first = static_cast<int64_t>(pix.size());
-        for (int64_t oh = oh0; oh < oh1; ++oh)
-          for (int64_t ow = ow0; ow < ow1; ++ow) pix.push_back(oh * Wo + ow);
+        for (int64_t n = 0; n < nimg; ++n)
+          for (int64_t oh = oh0; oh < oh1; ++oh)
+            for (int64_t ow = ow0; ow < ow1; ++ow) pix.push_back(n * P + oh * Wo + ow);
         const int64_t last = static_cast<int64_t>(pix.size());
         for (int64_t q = first; q < last; q += kTileRows)
           tiles.push_back({q, static_cast<int>(std::min<int64_t>(kTileRows, last - q)), blk, true});
@@ -979,10 +984,10 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // Micro-kernel work of a tiling, in row x tap units: its tiles' calls of up to 8 rows, rounded
   // up to 1, 2, 4 or 8 as the kernel runs them, 1-2-row calls counted twice (too few
   // accumulators to hide the vpdpbusd latency).
-  auto tiling_cost = [&](const std::vector<Span>& cs) {
+  auto tiling_cost = [&](const std::vector<Span>& cs, int64_t nimg) {
     std::vector<Tile> tiles;
     std::vector<int64_t> pix;
-    make_tiles(cs, tiles, pix);
+    make_tiles(cs, nimg, tiles, pix);
     int64_t cost = 0;
     for (const Tile& tl : tiles) {
       const int64_t taps = vsp[tl.block / cs.size()].n * cs[tl.block % cs.size()].n;
@@ -995,12 +1000,20 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     return cost;
   };
   std::vector<Span> csp = spans(Wo, sw, pw, pk.KW, W, false);
+  // Edge blocks across the batch: with the whole batch padded up front (not per_image), an edge
+  // block's tiles run through its pixels in every image (a 7x7 output's left column at batch 8:
+  // 40 pixels, five full 8-row calls, instead of a 5-row call per image; a corner: one 8-row
+  // call instead of eight 1-row ones).
+  const int64_t nimg_cols = per_image ? 1 : N;
   if (edge_rows && nhwc && pw > 0 && !pk.dense && !shifted) {
     std::vector<Span> cols = spans(Wo, sw, pw, pk.KW, W, true);
     // scattered tiles cost more outside the micro-kernel: columns must save 5%
-    if (cols.size() > 1 && 20 * tiling_cost(cols) < 19 * tiling_cost(csp)) csp = std::move(cols);
+    if (cols.size() > 1 &&
+        20 * tiling_cost(cols, nimg_cols) * (N / nimg_cols) < 19 * tiling_cost(csp, 1) * N)
+      csp = std::move(cols);
   }
   const bool edge_cols = csp.size() > 1;
+  const int64_t nimg = edge_cols ? nimg_cols : 1;  // images per tile list
   struct Block {
     std::vector<int64_t> toff;  // per kernel row of the run
     int64_t kg0 = 0, cgroups = 0, kgskip = 0;  // panel k-groups: first, per tap, skipped after
@@ -1036,13 +1049,14 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     }
   std::vector<Tile> tiles;
   std::vector<int64_t> pix;  // pixels of the scattered tiles
-  make_tiles(csp, tiles, pix);
+  make_tiles(csp, nimg, tiles, pix);
   const int64_t ntl = static_cast<int64_t>(tiles.size());
+  const int64_t nit = N / nimg;  // tile lists per (group, superblock)
   // Items: (image, tile) with every superblock inside in pixel-major order; otherwise ordered
   // (group, superblock) outermost, so each thread works through whole weight panels (<= 48
   // channels x K bytes, L2-resident) while the pixels stream.
   const int64_t nsb_in = pix_major ? nsb : 1;  // superblocks per item
-  at::parallel_for(0, groups * (nsb / nsb_in) * N * ntl, 1, [&](int64_t b, int64_t en) {
+  at::parallel_for(0, groups * (nsb / nsb_in) * nit * ntl, 1, [&](int64_t b, int64_t en) {
     alignas(64) int32_t cbuf[kTileRows * ldc];
     const uint8_t* rowp[kTileRows];
     int64_t row_off[kTileRows];
@@ -1056,9 +1070,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     for (int64_t it = b; it < en; ++it) {
       const Tile& tl = tiles[it % ntl];
       const Block& bl = blocks[tl.block];
-      const int64_t n = (it / ntl) % N;
-      const int64_t s_item = pix_major ? 0 : (it / (ntl * N)) % nsb;
-      const int64_t g = pix_major ? 0 : it / (ntl * N * nsb);
+      const int64_t n = (it / ntl) % nit;  // 0 with tiles across the batch
+      const int64_t s_item = pix_major ? 0 : (it / (ntl * nit)) % nsb;
+      const int64_t g = pix_major ? 0 : it / (ntl * nit * nsb);
       const int64_t p0 = tl.p0;
       const int rows = tl.rows;
       el.sumw = bl.sumw.empty() ? e.sumw : bl.sumw.data();
@@ -1078,9 +1092,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
         return img + ((oh * sh * Wp + ow * sw) * ct + g * pk.cpg) * elem;
       };
       if (tl.scattered) {
-        for (int r = 0; r < kTileRows; ++r) {
-          const int64_t p = pix[p0 + std::min(r, rows - 1)];
-          rowp[r] = window(p / Wo, p % Wo);
+        for (int r = 0; r < kTileRows; ++r) {  // pix: image * P + pixel
+          const int64_t q = pix[p0 + std::min(r, rows - 1)], p = q % P;
+          rowp[r] = window(p / Wo, p % Wo) + (q / P) * img_bytes;
         }
       } else {
         row_pointers(rowp, rows, p0, Wo, window);
