@@ -112,6 +112,10 @@ CONV_SHAPES = [
     (2, 3, 9, 9, 20, 3, 1, 0, 1),
     (1, 2, 7, 8, 5, 2, 1, 0, 1),
     (2, 1, 12, 11, 33, 5, 3, 2, 1),
+    # 3-channel stems wider than one 16-pixel vector (8-bit weights: the receptive-field sums'
+    # AVX-512 passes, ragged last vectors at stride 2 and 1)
+    (1, 3, 40, 45, 16, 7, 2, 3, 1),
+    (1, 3, 20, 37, 16, 3, 1, 1, 1),
     # 49-64 output channels: one 4-block superblock, 6 rows per micro-kernel call (tiles of
     # 16 rows = 6 + 6 + 4; ragged last tiles)
     (2, 16, 5, 7, 64, 3, 1, 1, 1),

@@ -623,8 +623,10 @@ inline void row_pointers(const uint8_t** ptr, int rows, int64_t p0, int64_t Wo, 
 struct ReceptiveSums {
   int64_t Hp, Wp, ct, Cg, KH, KW, sh, sw, Ho, Wo;
   int32_t zk;
+  bool simd = false;  // AVX-512 passes (VNNI ISA with VBMI)
   int64_t scratch() const { return Hp * Wp + Hp * Wo; }
-  void operator()(const uint8_t* img, int32_t* tmp, int32_t* sx) const {
+  void operator()(const uint8_t* img, int32_t* tmp, int32_t* sx) const;
+  void scalar(const uint8_t* img, int32_t* tmp, int32_t* sx) const {
     int32_t* S = tmp;
     int32_t* R = tmp + Hp * Wp;
     const int64_t np = Hp * Wp;
@@ -659,6 +661,93 @@ struct ReceptiveSums {
     }
   }
 };
+
+#ifdef PDQ_X86
+// The same three passes with AVX-512 (the baseline build vectorises the scalar ones with SSE2
+// at best, and the strided and 3-byte-pixel loops not at all: they took 0.55 ms of the 7.1 ms
+// ResNet-18 stem at batch 8). 16 pixels per vector: the 3-channel pixels deinterleaved with
+// vpermb, stride-2 windows gathered from two vectors with vpermt2d, every load masked to the
+// pixels that exist. Integer sums: the same values as scalar().
+inline __mmask16 lanes(int64_t n) {  // mask of the first n lanes (none for n <= 0)
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+}
+
+PDQ_VBMI static inline __m512i bytes16_epi32(__m512i idx, __m512i v) {  // bytes idx[0..15] of v
+  return _mm512_cvtepu8_epi32(_mm512_castsi512_si128(_mm512_permutexvar_epi8(idx, v)));
+}
+
+PDQ_VBMI void receptive_sums_simd(const ReceptiveSums& g, const uint8_t* img, int32_t* tmp,
+                                  int32_t* sx) {
+  int32_t* S = tmp;
+  int32_t* R = tmp + g.Hp * g.Wp;
+  const int64_t np = g.Hp * g.Wp;
+  if (g.ct == 3 && g.Cg == 3) {
+    alignas(64) uint8_t ib[3][64] = {};
+    for (int c = 0; c < 3; ++c)
+      for (int i = 0; i < 16; ++i) ib[c][i] = static_cast<uint8_t>(3 * i + c);
+    const __m512i i0 = _mm512_load_si512(ib[0]), i1 = _mm512_load_si512(ib[1]),
+                  i2 = _mm512_load_si512(ib[2]);
+    for (int64_t i = 0; i < np; i += 16) {
+      const int64_t nl = std::min<int64_t>(16, np - i);
+      const __mmask64 kb = nl == 16 ? 0xFFFFFFFFFFFFull : (1ull << (3 * nl)) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi8(kb, img + 3 * i);
+      const __m512i t = _mm512_add_epi32(_mm512_add_epi32(bytes16_epi32(i0, v), bytes16_epi32(i1, v)),
+                                         bytes16_epi32(i2, v));
+      _mm512_mask_storeu_epi32(S + i, static_cast<__mmask16>((1u << nl) - 1), t);
+    }
+  } else {
+    for (int64_t i = 0; i < np; ++i) S[i] = img[i * g.ct];
+    for (int64_t c = 1; c < g.Cg; ++c)
+      for (int64_t i = 0; i < np; ++i) S[i] += img[i * g.ct + c];
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                         28, 30);
+  for (int64_t h = 0; h < g.Hp; ++h) {
+    const int32_t* srow = S + h * g.Wp;
+    int32_t* r = R + h * g.Wo;
+    for (int64_t ow = 0; ow < g.Wo; ow += 16) {
+      const int64_t nl = std::min<int64_t>(16, g.Wo - ow);
+      __m512i acc = _mm512_setzero_si512();
+      if (g.sw == 1) {
+        for (int64_t kw = 0; kw < g.KW; ++kw)
+          acc = _mm512_add_epi32(acc, _mm512_maskz_loadu_epi32(lanes(nl), srow + ow + kw));
+      } else if (g.sw == 2) {  // elements 2j, j < nl, of srow + 2 ow + kw
+        const __mmask16 klo = lanes(2 * nl - 1), khi = lanes(2 * nl - 17);
+        for (int64_t kw = 0; kw < g.KW; ++kw) {
+          const int32_t* b = srow + 2 * ow + kw;
+          acc = _mm512_add_epi32(acc, _mm512_permutex2var_epi32(
+                                          _mm512_maskz_loadu_epi32(klo, b), even,
+                                          _mm512_maskz_loadu_epi32(khi, b + 16)));
+        }
+      } else {
+        alignas(64) int32_t t[16] = {};
+        for (int64_t j = 0; j < nl; ++j)
+          for (int64_t kw = 0; kw < g.KW; ++kw) t[j] += srow[(ow + j) * g.sw + kw];
+        acc = _mm512_load_si512(t);
+      }
+      _mm512_mask_storeu_epi32(r + ow, lanes(nl), acc);
+    }
+  }
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    int32_t* o = sx + oh * g.Wo;
+    for (int64_t ow = 0; ow < g.Wo; ow += 16) {
+      const __mmask16 k = lanes(g.Wo - ow);
+      __m512i acc = _mm512_set1_epi32(-g.zk);
+      for (int64_t kh = 0; kh < g.KH; ++kh)
+        acc = _mm512_add_epi32(acc,
+                               _mm512_maskz_loadu_epi32(k, R + (oh * g.sh + kh) * g.Wo + ow));
+      _mm512_mask_storeu_epi32(o + ow, k, acc);
+    }
+  }
+}
+#endif
+
+void ReceptiveSums::operator()(const uint8_t* img, int32_t* tmp, int32_t* sx) const {
+#ifdef PDQ_X86
+  if (simd) return receptive_sums_simd(*this, img, tmp, sx);
+#endif
+  scalar(img, tmp, sx);
+}
 
 std::vector<int64_t> pair_arg(const std::vector<int64_t>& v, const char* name) {
   check(v.size() == 2 || v.size() == 1, std::string(name) + " must have 2 entries, got " +
@@ -882,7 +971,8 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // Shifted int8 weights (see PackedConv::off): the epilogue needs, per output pixel p, the sum
   // of the codes over its receptive field (padding holds x_zp) minus x_zp * K.
   const ReceptiveSums rs{Hp, Wp, ct, pk.Cg, pk.KH, pk.KW, sh, sw, Ho, Wo,
-                         static_cast<int32_t>(x_zp * pk.Cg * ntaps)};
+                         static_cast<int32_t>(x_zp * pk.Cg * ntaps),
+                         isa == Isa::kAvx512Vnni && has_vbmi()};
   std::vector<int32_t> sx;
   if (shifted) {
     e.off = pk.off.data_ptr<int32_t>();
