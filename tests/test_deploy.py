@@ -690,3 +690,45 @@ def test_runtime_uses_a_backend_prepack_once(small, monkeypatch):
     finally:
         monkeypatch.undo()
         backends._choose.cache_clear()
+
+
+def test_runtime_calls_the_cpu_extension_directly(small, monkeypatch):
+    """On CPU with the C++ backend, the graph's quantize / dequantize / max-pool nodes call the
+    extension's functions straight (no torch.library dispatch): the same logits as through
+    ``ops.*``, and the direct functions are the ones that ran."""
+    from pdquant_fast.deploy import runtime
+    from pdquant_fast.ops import backends
+
+    if backends.choose("quantize_codes", "cpu")[0] != "cpp":
+        pytest.skip("the C++ extension is not the chosen CPU backend")
+    _, _, out, _, x = small
+    pm = load_packed(out)
+    want = pm(x[:4])
+    assert set(pm._direct) == set(runtime.DIRECT_OPS)
+    calls = {}
+
+    def counted(op, fn):
+        def f(*a):
+            calls[op] = calls.get(op, 0) + 1
+            return fn(*a)
+
+        return f
+
+    direct = runtime._direct_fns(x)
+    monkeypatch.setattr(
+        runtime, "_direct_fns", lambda x: {k: counted(k, f) for k, f in direct.items()}
+    )
+    assert torch.equal(pm(x[:4]), want)
+    assert calls.get("quantize_codes", 0) >= 1 and calls.get("dequantize_codes", 0) >= 1
+    monkeypatch.setattr(runtime, "_direct_fns", lambda x: {})  # the ops.* path
+    assert torch.equal(pm(x[:4]), want)
+    monkeypatch.undo()
+    # a forced backend other than cpp: no direct calls
+    monkeypatch.setenv("PDQUANT_KERNELS", "reference")
+    assert runtime._direct_fns(x) == {}
+    # the direct functions check their inputs themselves
+    act = next(iter(pm.acts.values()))
+    with pytest.raises(ValueError, match="float32"):
+        direct["quantize_codes"](x.double(), act.delta_value, act.zp_int, act.bits, False)
+    with pytest.raises(ValueError, match="uint8"):
+        direct["dequantize_codes"](x, act.delta_value, act.zp_int)

@@ -442,6 +442,7 @@ class PackedModel(nn.Module):
         #: the logits are identical whichever layout runs.
         self.memory_format = memory_format
         self._cl = False  # the last forward's choice (see layout)
+        self._direct: dict = {}  # the last forward's direct C++ calls (see _direct_fns)
         self.manifest = manifest
         self.graph_nodes = manifest["graph"]
         self.output_name = manifest["output"]
@@ -525,6 +526,7 @@ class PackedModel(nn.Module):
             and x.device.type == "cpu"
             and backends.choose("qconv2d", "cpu")[0] == "cpp"
         )
+        self._direct = _direct_fns(x)
         for node in self.graph_nodes:
             op = node["op"]
             out_act = None
@@ -537,7 +539,10 @@ class PackedModel(nn.Module):
                 if node["name"] in self._skip:
                     continue  # only read as residual codes (see __init__)
                 # float values are NCHW (the simulation's layout, see memory_format)
-                val = self._act(node["act"]).dequantize(env[node["input"]].contiguous())
+                act = self._act(node["act"])
+                codes = env[node["input"]].contiguous()
+                fn = self._direct.get("dequantize_codes")
+                val = fn(codes, act.delta_value, act.zp_int) if fn else act.dequantize(codes)
             elif op == "layer_packed":
                 xin = env[node["input"]]
                 rc = self._res_codes.get(node["name"])
@@ -576,7 +581,11 @@ class PackedModel(nn.Module):
     def _quantize_codes(self, act: ActParams, x: torch.Tensor) -> torch.Tensor:
         """Fresh activation codes in the model's :attr:`memory_format` (channels_last codes come
         straight out of ``ops.quantize_codes``, not from a layout copy of NCHW codes)."""
-        return act.quantize(x, channels_last=self._cl and x.dim() == 4)
+        cl = self._cl and x.dim() == 4
+        fn = self._direct.get("quantize_codes")
+        if fn is not None:
+            return fn(x, act.delta_value, act.zp_int, act.bits, cl)
+        return act.quantize(x, channels_last=cl)
 
     def _glue(self, node: dict, env: dict):
         fn = GLUE[node["fn"]]
@@ -595,7 +604,8 @@ class PackedModel(nn.Module):
             x = args[0]
             pool = _pool_on_codes(args, kwargs) if x.dim() == 4 else None
             if pool is not None:  # ops.max_pool2d_codes: uint8 in, uint8 out (C++ kernel)
-                return ops.max_pool2d_codes(x if _is_cl(x) else x.contiguous(), *pool)
+                pool_fn = self._direct.get("max_pool2d_codes") or ops.max_pool2d_codes
+                return pool_fn(x if _is_cl(x) else x.contiguous(), *pool)
             # Other arguments (dilation, ceil_mode): pooled in float32 (exact: small integers;
             # max ignores order), through channels-last, which PyTorch's CPU max-pool runs ~10x
             # faster than NCHW (ResNet-18 stem pool, batch 8, one thread: 49 -> 4.8 ms).
@@ -605,6 +615,28 @@ class PackedModel(nn.Module):
                 return y.to(torch.uint8, memory_format=torch.contiguous_format)
             return fn(x.to(torch.float32), *args[1:], **kwargs).to(torch.uint8)
         return fn(*args, **kwargs)
+
+
+#: Ops the forward calls straight into the C++ extension on CPU (see _direct_fns).
+DIRECT_OPS = ("quantize_codes", "dequantize_codes", "max_pool2d_codes")
+
+
+def _direct_fns(x: torch.Tensor) -> dict:
+    """``{op: C++ function}`` for the :data:`DIRECT_OPS` whose chosen backend is ``cpp``, when
+    ``x`` is on the CPU and nothing is being traced: the packed graph then calls them without
+    ``torch.library``'s dispatch (a custom op's Python-side dispatch took 50-110 us per call in
+    the ResNet-18 forward at batch 1, against 20-80 us of kernel; with code and data evicted by
+    the convolutions in between, it runs cold). Same functions, same arguments, same results;
+    they check their inputs themselves (``ValueError``). Empty otherwise (the ``ops.*`` path,
+    which ``torch.compile`` can trace)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return {}
+    out = {}
+    for op in DIRECT_OPS:
+        name, fn = backends.choose(op, "cpu")
+        if name == "cpp":
+            out[op] = fn
+    return out
 
 
 def _pair(v) -> list[int]:
