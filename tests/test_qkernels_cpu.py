@@ -116,6 +116,11 @@ CONV_SHAPES = [
     # AVX-512 passes, ragged last vectors at stride 2 and 1)
     (1, 3, 40, 45, 16, 7, 2, 3, 1),
     (1, 3, 20, 37, 16, 3, 1, 1, 1),
+    # im2col stems (the whole window as one run of k-groups, copied per tile pixel): 7x7 stride
+    # 2 with 64 and a ragged 50 output channels, 3x3 with 64
+    (2, 3, 23, 21, 64, 7, 2, 3, 1),
+    (1, 3, 19, 20, 50, 7, 2, 3, 1),
+    (2, 3, 12, 10, 64, 3, 1, 1, 1),
     # 49-64 output channels: one 4-block superblock, 6 rows per micro-kernel call (tiles of
     # 16 rows = 6 + 6 + 4; ragged last tiles)
     (2, 16, 5, 7, 64, 3, 1, 1, 1),
@@ -290,6 +295,18 @@ def test_qconv2d_dense_rows_are_chosen_for_shallow_inputs_only():
     w = _weights(g, (8, 3, 3, 3), 8)
     w[0, 0, 0, 0], w[0, 0, 0, 1] = -200, 200  # spans > 256: the int16 kernel, no dense rows
     assert not dense(w)
+
+
+def test_qconv2d_im2col_is_chosen_where_it_saves_work():
+    """Dense stems whose saved k-groups x blocks per call outweigh the per-pixel copies."""
+    g = torch.Generator().manual_seed(6)
+    im2col = lambda w: _C.qconv2d_prepack_cpu(w, 1).im2col  # noqa: E731
+    assert im2col(_weights(g, (64, 3, 7, 7), 8))  # ResNet-18's stem: 37 groups, not 42
+    assert im2col(_weights(g, (50, 3, 7, 7), 4))
+    assert im2col(_weights(g, (64, 3, 3, 3), 4))  # 7 groups, not 9, x 4 blocks
+    assert not im2col(_weights(g, (16, 3, 3, 3), 8))  # ResNet-20's stem: one block
+    assert not im2col(_weights(g, (16, 3, 7, 7), 4))
+    assert not im2col(_weights(g, (64, 4, 3, 3), 4))  # not dense
 
 
 @pytest.mark.parametrize("isa", ISAS)

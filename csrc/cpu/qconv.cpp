@@ -80,6 +80,11 @@ struct PackedConv {
   // kernel row, ceil(KW * Cg / 4) groups of 4 bytes per row instead of KW groups of 4 (ResNet's
   // 7x7 stem: 6 instead of 7; the 3 bytes after a row's last tap meet zero weights).
   bool dense = false;
+  // Im2col (dense stems where it saves k-groups: 7x7x3 = 147 bytes are 37 groups instead of the
+  // 42 of dense rows, 3x3x3 = 27 bytes 7 instead of 9): the panel orders k = (kh, kw, c) densely
+  // over the whole window as one tap of cgroups groups, and run() copies each tile pixel's KH
+  // row segments (KW * Cg bytes each) into a per-tile buffer the micro-kernel reads instead.
+  bool im2col = false;
   std::vector<int> sb;  // superblock sizes (blocks of 16 channels), the same for every group
   std::vector<int64_t> sb_block0;  // first block of each superblock
   std::vector<int64_t> sb_off;     // byte offset of each superblock in a group's panel
@@ -235,7 +240,17 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
     pk->cpg = pk->Cg;
     pk->cgroups = (pk->KW * pk->Cg + 3) / 4;
   }
-  const int64_t ptaps = pk->dense ? pk->KH : ntaps;  // taps of the panel (dense: kernel rows)
+  // Im2col where the micro-kernel work it saves (k-groups x the 16-channel blocks of a call)
+  // outweighs its copies (KH per pixel, counted as two groups each): ResNet-18's 7x7 stem, 64
+  // channels: 5 groups x 4 blocks against 7 copies, in the model (batch 8) 6.85 / 6.73 ->
+  // 6.61 / 6.59 ms; ResNet-20's 3x3 stem, 16 channels (2 x 1 against 3) was 10% slower with it.
+  const int64_t kwin = pk->KH * pk->KW * pk->Cg;  // bytes of a whole window
+  const int64_t jb_call = std::min<int64_t>(4, (pk->Og + kBlock - 1) / kBlock);
+  pk->im2col = pk->dense && pk->KH > 1 &&
+               (pk->KH * pk->cgroups - (kwin + 3) / 4) * jb_call >= 2 * pk->KH;
+  if (pk->im2col) pk->cgroups = (kwin + 3) / 4;
+  // taps of the panel (dense: kernel rows; im2col: one)
+  const int64_t ptaps = pk->im2col ? 1 : pk->dense ? pk->KH : ntaps;
   const int64_t nblocks = (pk->Og + kBlock - 1) / kBlock;
   pk->sb = superblocks(nblocks, /*allow4=*/true);
   int64_t off = 0, b0 = 0;
@@ -260,7 +275,10 @@ std::shared_ptr<PackedConv> prepack(const at::Tensor& w_in, int64_t groups) {
               int8_t* d = dst + ((t * pk->cgroups + cgi) * jb + j) * 64 + oo * 4;
               for (int e = 0; e < per; ++e) {
                 int32_t v = 0;
-                if (pk->dense) {  // t = kh; k = kw * Cg + c within the row
+                if (pk->im2col) {  // k = (kh * KW + kw) * Cg + c over the window
+                  const int64_t k = cgi * 4 + e, kt = k / pk->Cg, c = k % pk->Cg;
+                  if (og < pk->Og && k < kwin) v = wp[(og * pk->Cg + c) * ntaps + kt];
+                } else if (pk->dense) {  // t = kh; k = kw * Cg + c within the row
                   const int64_t k = cgi * 4 + e, kw = k / pk->Cg, c = k % pk->Cg;
                   if (og < pk->Og && kw < pk->KW)
                     v = wp[(og * pk->Cg + c) * ntaps + t * pk->KW + kw];
@@ -620,6 +638,19 @@ inline void row_pointers(const uint8_t** ptr, int rows, int64_t p0, int64_t Wo, 
 // of R (the loops before were ordered
 // reduction-innermost and ran scalar: 22% of the ResNet-20 integer stem). Exact in int32: a sum
 // is at most 255 * K, far inside the op's int32 accumulator bound on K.
+#ifdef PDQ_X86
+PDQ_VNNI void im2col_rows_vnni(const uint8_t* const* rowp, int rows, int64_t KH, int64_t rstride,
+                               int64_t krow, int64_t ldk, uint8_t* col) {
+  for (int r = 0; r < rows; ++r) {
+    uint8_t* d = col + r * ldk;
+    for (int64_t kh = 0; kh < KH; ++kh)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + kh * krow),
+                          _mm256_loadu_si256(
+                              reinterpret_cast<const __m256i*>(rowp[r] + kh * rstride)));
+  }
+}
+#endif
+
 struct ReceptiveSums {
   int64_t Hp, Wp, ct, Cg, KH, KW, sh, sw, Ho, Wo;
   int32_t zk;
@@ -937,7 +968,8 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   at::Tensor buf;
   const int64_t nsb = static_cast<int64_t>(pk.sb.size());
   const int64_t img_bytes = Hp * Wp * ct * elem;
-  const int64_t slack = pk.dense ? 64 : 0;  // dense rows read up to 3 bytes past the last pixel
+  // dense rows read up to 3 bytes past the last pixel, im2col copies up to 32 - KW * Cg
+  const int64_t slack = pk.dense ? 64 : 0;
   const uint8_t* xs = x.data_ptr<uint8_t>();
   const bool direct = nhwc && ph == 0 && pw == 0 && !s16 && ct == C && !pk.dense;
   // Pixel-major order (one group, several superblocks whose panels fit in L2 together, the
@@ -1036,7 +1068,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     }
     return v;
   };
-  const bool edge_rows = merge_kw && !s16 && ph > 0;
+  const bool edge_rows = merge_kw && !s16 && ph > 0 && !pk.im2col;
   const std::vector<Span> vsp = spans(Ho, sh, ph, pk.KH, H, edge_rows);
   // Tiles of a tiling (rows vsp x columns cs; the same for every image): up to 16 pixels within
   // one block (block vi * cs.size() + ci). With whole rows (one column span) the pixels are
@@ -1125,6 +1157,11 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
         bl.cgroups = cgroups_eff;
         continue;
       }
+      if (pk.im2col) {  // one tap: the tile's im2col rows
+        bl.toff = {0};
+        bl.cgroups = pk.cgroups;
+        continue;
+      }
       for (int64_t kh = vs.lo; kh < vs.lo + vs.n; ++kh)
         bl.toff.push_back(toff[kh] + cs.lo * ct * elem);
       if (edge_cols) {
@@ -1154,6 +1191,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   at::parallel_for(0, groups * (nsb / nsb_in) * nit * ntl, 1, [&](int64_t b, int64_t en) {
     alignas(64) int32_t cbuf[kTileRows * ldc];
     const uint8_t* rowp[kTileRows];
+    // im2col rows (ldk bytes each, + 32 bytes of slack for the last row's 32-byte copies)
+    const int64_t krow = pk.KW * pk.Cg, ldk = pk.cgroups * 4;
+    std::vector<uint8_t> col(pk.im2col ? kTileRows * ldk + 32 : 0);
     int64_t row_off[kTileRows];
     std::vector<uint8_t> scratch(per_image ? img_bytes + slack : 0);
     // per-image shifted weights: this image's receptive-field sums, read at row p0 + r
@@ -1193,6 +1233,25 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
         }
       } else {
         row_pointers(rowp, rows, p0, Wo, window);
+      }
+      if (pk.im2col) {  // each row's KH segments of krow bytes, back to back
+        if (krow <= 32 && isa == Isa::kAvx512Vnni) {
+          im2col_rows_vnni(rowp, rows, pk.KH, Wp * ct, krow, ldk, col.data());
+        } else {
+          for (int r = 0; r < rows; ++r) {
+            uint8_t* d = col.data() + r * ldk;
+            for (int64_t kh = 0; kh < pk.KH; ++kh) {
+              const uint8_t* src = rowp[r] + kh * Wp * ct;
+              if (krow <= 32) {  // fixed-size copy; the bytes past krow are overwritten by the
+                std::memcpy(d + kh * krow, src, 32);  // next segment, next row, or meet zero
+              } else {                                 // weights (past kwin)
+                std::memcpy(d + kh * krow, src, krow);
+              }
+            }
+          }
+        }
+        for (int r = 0; r < rows; ++r) rowp[r] = col.data() + r * ldk;
+        for (int r = rows; r < kTileRows; ++r) rowp[r] = rowp[rows - 1];
       }
       for (int64_t s = s_item; s < s_item + nsb_in; ++s) {
         UkArgs u;
@@ -1264,6 +1323,7 @@ void register_qconv(pybind11::module_& m) {
       .def_property_readonly("int16", [](const PackedConv& p) { return p.mode == KMode::kS16; })
       .def_property_readonly("shifted", [](const PackedConv& p) { return p.off.defined(); })
       .def_readonly("dense_rows", &PackedConv::dense)
+      .def_readonly("im2col", &PackedConv::im2col)
       .def_property_readonly("nbytes", &PackedConv::nbytes)
       .def("__repr__", [](const PackedConv& p) {
         return "QConvPackedCpu(O=" + std::to_string(p.O) + ", C/g=" + std::to_string(p.Cg) +
