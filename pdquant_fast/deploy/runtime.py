@@ -178,6 +178,9 @@ class ActParams(nn.Module):
         return ops.dequantize_codes(c, self.delta_value, self.zp_int)
 
 
+_NONE = object()  # "no entry" for dict.get where None is a value
+
+
 def _accepts(fn, name: str) -> bool:
     """Whether ``fn`` takes a keyword argument ``name`` (Python signature or pybind11 docstring)."""
     try:
@@ -245,7 +248,10 @@ class PackedLayer(nn.Module):
         """The chosen backend's entry point with a prepacked weight, if it offers a prepack."""
         op = "qconv2d" if self.kind == "conv2d" else "qlinear"
         name, fn = backends.choose(op, x.device.type)
-        key = (name, str(x.device))
+        key = (name, x.device)
+        got = self._prepacked.get(key, _NONE)
+        if got is not _NONE:
+            return got
         if key not in self._prepacked:
             mod = None
             if name in ("cpp", "cuda"):
@@ -496,6 +502,16 @@ class PackedModel(nn.Module):
                 for r in readers.get(n["name"], ())
             )
         }
+        # per packed-layer node: its module and, for a residual read as codes, (the codes'
+        # node, their ActParams); looked up once here instead of by name in every forward
+        self._packed_plan = {
+            n["name"]: (
+                self.layers[_safe(n["layer"])],
+                (rc[0], self._act(rc[1])) if (rc := self._res_codes.get(n["name"])) else None,
+            )
+            for n in self.graph_nodes
+            if n["op"] == "layer_packed"
+        }
 
     @property
     def layout(self) -> str:
@@ -545,12 +561,12 @@ class PackedModel(nn.Module):
                 val = fn(codes, act.delta_value, act.zp_int) if fn else act.dequantize(codes)
             elif op == "layer_packed":
                 xin = env[node["input"]]
-                rc = self._res_codes.get(node["name"])
+                layer, rc = self._packed_plan[node["name"]]
                 if rc is not None:
-                    res, res_act = env[rc[0]], self._act(rc[1])
+                    res, res_act = env[rc[0]], rc[1]
                 else:
                     res, res_act = (env[node["residual"]] if node["residual"] else None), None
-                val = self.layers[_safe(node["layer"])](xin, res, res_act)
+                val = layer(xin, res, res_act)
                 out_act = node["out_act"]
                 if capture is not None:
                     res_f = res_act.dequantize(res) if res_act is not None else res
