@@ -967,7 +967,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   const uint8_t* xp = nullptr;
   at::Tensor buf;
   const int64_t nsb = static_cast<int64_t>(pk.sb.size());
-  const int64_t img_bytes = Hp * Wp * ct * elem;
+  int64_t img_bytes = Hp * Wp * ct * elem;
   // dense rows read up to 3 bytes past the last pixel, im2col copies up to 32 - KW * Cg
   const int64_t slack = pk.dense ? 64 : 0;
   const uint8_t* xs = x.data_ptr<uint8_t>();
@@ -988,35 +988,6 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // same buffer.
   const bool per_image = !direct && groups == 1 && (nsb == 1 || pix_major) && !s16;
   const bool shifted = pk.off.defined();
-  if (direct) {
-    xp = xs;  // channels_last, no padding, C % 4 == 0: use x directly
-  } else if (!per_image) {
-    buf = at::empty({N * img_bytes + slack}, at::kByte);
-    uint8_t* bp = buf.data_ptr<uint8_t>();
-    at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
-      for (int64_t n = b; n < en; ++n)
-        pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, pk.Cg, pk.cpg, ct,
-                    static_cast<uint8_t>(x_zp), s16, bp + n * Hp * Wp * ct * elem);
-    });
-    xp = bp;
-  }
-  // Shifted int8 weights (see PackedConv::off): the epilogue needs, per output pixel p, the sum
-  // of the codes over its receptive field (padding holds x_zp) minus x_zp * K.
-  const ReceptiveSums rs{Hp, Wp, ct, pk.Cg, pk.KH, pk.KW, sh, sw, Ho, Wo,
-                         static_cast<int32_t>(x_zp * pk.Cg * ntaps),
-                         isa == Isa::kAvx512Vnni && has_vbmi()};
-  std::vector<int32_t> sx;
-  if (shifted) {
-    e.off = pk.off.data_ptr<int32_t>();
-    if (!per_image) {  // sums of the whole (padded or direct) batch first
-      sx.resize(N * P);
-      at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
-        std::vector<int32_t> tmp(rs.scratch());
-        for (int64_t n = b; n < en; ++n) rs(xp + n * img_bytes, tmp.data(), sx.data() + n * P);
-      });
-      e.sx = sx.data();
-    }
-  }
   // With one group a kernel row's KW taps are contiguous in the buffer (pixel after pixel, ct
   // channels each) and in the panel's k order (kh, kw, c): one "tap" per kernel row then.
   const bool merge_kw = groups == 1;
@@ -1141,8 +1112,51 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   }
   const bool edge_cols = csp.size() > 1;
   const int64_t nimg = edge_cols ? nimg_cols : 1;  // images per tile list
+  // No padded copy at all where no tap reads padding: with the edge rows and (where there is
+  // horizontal padding) the edge columns, every block runs only in-bounds taps, so
+  // channels_last codes with C % 4 == 0 are read in place (window offsets from the unpadded
+  // origin, row stride W). The copy it saves wrote and read the whole input once more.
+  const bool unpadded = !direct && merge_kw && nhwc && !s16 && ct == C && !pk.dense &&
+                        !shifted && (ph == 0 || edge_rows) && (pw == 0 || edge_cols);
+  const int64_t RS = unpadded ? W : Wp, oph = unpadded ? ph : 0, opw = unpadded ? pw : 0;
+  const bool pad_image = per_image && !unpadded;  // per-thread, per-image padded copies
+  if (unpadded) {
+    img_bytes = H * W * ct * elem;
+    for (int64_t kh = 0; kh < pk.KH; ++kh) toff[kh] = kh * RS * ct * elem;
+  }
+  if (direct || unpadded) {
+    xp = xs;  // channels_last, C % 4 == 0: use x directly
+  } else if (!pad_image) {
+    buf = at::empty({N * img_bytes + slack}, at::kByte);
+    uint8_t* bp = buf.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
+      for (int64_t n = b; n < en; ++n)
+        pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, pk.Cg, pk.cpg, ct,
+                    static_cast<uint8_t>(x_zp), s16, bp + n * Hp * Wp * ct * elem);
+    });
+    xp = bp;
+  }
+  // Shifted int8 weights (see PackedConv::off): the epilogue needs, per output pixel p, the sum
+  // of the codes over its receptive field (padding holds x_zp) minus x_zp * K.
+  const ReceptiveSums rs{Hp, Wp, ct, pk.Cg, pk.KH, pk.KW, sh, sw, Ho, Wo,
+                         static_cast<int32_t>(x_zp * pk.Cg * ntaps),
+                         isa == Isa::kAvx512Vnni && has_vbmi()};
+  std::vector<int32_t> sx;
+  if (shifted) {
+    e.off = pk.off.data_ptr<int32_t>();
+    if (!pad_image) {  // sums of the whole (padded or direct) batch first
+      sx.resize(N * P);
+      at::parallel_for(0, N, 1, [&](int64_t b, int64_t en) {
+        std::vector<int32_t> tmp(rs.scratch());
+        for (int64_t n = b; n < en; ++n) rs(xp + n * img_bytes, tmp.data(), sx.data() + n * P);
+      });
+      e.sx = sx.data();
+    }
+  }
   struct Block {
-    std::vector<int64_t> toff;  // per kernel row of the run
+    std::vector<int64_t> toff;  // per kernel row of the run, from the first one
+    int64_t first = 0;          // byte offset of the run's first tap in a pixel's window
+    bool none = false;          // no taps (rows or columns reading only padding)
     int64_t kg0 = 0, cgroups = 0, kgskip = 0;  // panel k-groups: first, per tap, skipped after
     std::vector<int32_t> sumw;  // empty: all taps (e.sumw)
   };
@@ -1162,8 +1176,10 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
         bl.cgroups = pk.cgroups;
         continue;
       }
+      bl.none = vs.n == 0 || cs.n == 0;
+      if (!bl.none) bl.first = toff[vs.lo] + cs.lo * ct * elem;
       for (int64_t kh = vs.lo; kh < vs.lo + vs.n; ++kh)
-        bl.toff.push_back(toff[kh] + cs.lo * ct * elem);
+        bl.toff.push_back(toff[kh] - toff[vs.lo]);
       if (edge_cols) {
         bl.kg0 = (vs.lo * pk.KW + cs.lo) * pk.cgroups;
         bl.cgroups = cs.n * pk.cgroups;
@@ -1195,9 +1211,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     const int64_t krow = pk.KW * pk.Cg, ldk = pk.cgroups * 4;
     std::vector<uint8_t> col(pk.im2col ? kTileRows * ldk + 32 : 0);
     int64_t row_off[kTileRows];
-    std::vector<uint8_t> scratch(per_image ? img_bytes + slack : 0);
+    std::vector<uint8_t> scratch(pad_image ? img_bytes + slack : 0);
     // per-image shifted weights: this image's receptive-field sums, read at row p0 + r
-    const bool own_sx = per_image && shifted;
+    const bool own_sx = pad_image && shifted;
     std::vector<int32_t> sx_img(own_sx ? P : 0), sx_tmp(own_sx ? rs.scratch() : 0);
     Epilogue el = e;
     if (own_sx) el.sx = sx_img.data();
@@ -1212,7 +1228,7 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       const int rows = tl.rows;
       el.sumw = bl.sumw.empty() ? e.sumw : bl.sumw.data();
       const uint8_t* img;
-      if (per_image) {
+      if (pad_image) {
         if (padded != n) {
           pad_to_nhwc(xs + n * C * H * W, nhwc, C, H, W, ph, pw, pk.Cg, pk.cpg, ct,
                       static_cast<uint8_t>(x_zp), false, scratch.data());
@@ -1223,8 +1239,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       } else {
         img = xp + n * img_bytes;
       }
-      auto window = [&](int64_t oh, int64_t ow) {  // output pixel -> its window's first byte
-        return img + ((oh * sh * Wp + ow * sw) * ct + g * pk.cpg) * elem;
+      auto window = [&](int64_t oh, int64_t ow) {  // output pixel -> its run's first tap
+        if (bl.none) return img;  // never read
+        return img + (((oh * sh - oph) * RS + ow * sw - opw) * ct + g * pk.cpg) * elem + bl.first;
       };
       if (tl.scattered) {
         for (int r = 0; r < kTileRows; ++r) {  // pix: image * P + pixel
@@ -1236,12 +1253,12 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       }
       if (pk.im2col) {  // each row's KH segments of krow bytes, back to back
         if (krow <= 32 && isa == Isa::kAvx512Vnni) {
-          im2col_rows_vnni(rowp, rows, pk.KH, Wp * ct, krow, ldk, col.data());
+          im2col_rows_vnni(rowp, rows, pk.KH, RS * ct, krow, ldk, col.data());
         } else {
           for (int r = 0; r < rows; ++r) {
             uint8_t* d = col.data() + r * ldk;
             for (int64_t kh = 0; kh < pk.KH; ++kh) {
-              const uint8_t* src = rowp[r] + kh * Wp * ct;
+              const uint8_t* src = rowp[r] + kh * RS * ct;
               if (krow <= 32) {  // fixed-size copy; the bytes past krow are overwritten by the
                 std::memcpy(d + kh * krow, src, 32);  // next segment, next row, or meet zero
               } else {                                 // weights (past kwin)
