@@ -1012,11 +1012,11 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
   // that is not whole rows gives tiles of scattered pixels (outputs through TileDst::row_off, so
   // NHWC output only, and not for dense rows or shifted 8-bit weights), and small blocks give
   // short micro-kernel calls: columns are used only where a count of the micro-kernel's work
-  // (tiling_cost) says they save at least 5%. Where the whole batch is padded up front, a
+  // (tiling_cost) says they save at least 5%. Where tiles need not run image by image, a
   // block's tiles run through its pixels in every image, so calls are full (ResNet-18 at 7x7,
   // batch 8: a corner block is one 8-row call, not eight 1-row ones; with per-image blocks the
   // 7x7 layers had stayed on rows and took 4.0 ms, with batch blocks 3.55 ms, in the model).
-  // With per-image padding (the buffer holds one image) blocks stay per image. A 3x3 conv with
+  // Per-image layers (one superblock, or pixel-major) keep blocks per image. A 3x3 conv with
   // padding 1 spends a third of the work of its first and last rows and columns on padding.
   // One group only (kernel rows merged), not int16.
   struct Span {
@@ -1093,8 +1093,8 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     return cost;
   };
   std::vector<Span> csp = spans(Wo, sw, pw, pk.KW, W, false);
-  // Edge blocks across the batch: with the whole batch padded up front (not per_image), an edge
-  // block's tiles run through its pixels in every image (a 7x7 output's left column at batch 8:
+  // Edge blocks across the batch: where tiles need not run image by image (not per_image), an
+  // edge block's tiles run through its pixels in every image (a 7x7 output's left column at batch 8:
   // 40 pixels, five full 8-row calls, instead of a 5-row call per image; a corner: one 8-row
   // call instead of eight 1-row ones).
   const int64_t nimg_cols = per_image ? 1 : N;

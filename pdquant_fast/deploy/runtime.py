@@ -252,24 +252,23 @@ class PackedLayer(nn.Module):
         got = self._prepacked.get(key, _NONE)
         if got is not _NONE:
             return got
-        if key not in self._prepacked:
-            mod = None
-            if name in ("cpp", "cuda"):
-                mod = backends._extension()[0]
-            elif name == "triton":
-                mod = backends._triton_kernels()[0]
-            suffix = {"cpp": "cpu"}.get(name, name)
-            prepack = getattr(mod, f"{op}_prepack_{suffix}", None) if mod is not None else None
-            if prepack is None:
-                self._prepacked[key] = None
+        mod = None
+        if name in ("cpp", "cuda"):
+            mod = backends._extension()[0]
+        elif name == "triton":
+            mod = backends._triton_kernels()[0]
+        suffix = {"cpp": "cpu"}.get(name, name)
+        prepack = getattr(mod, f"{op}_prepack_{suffix}", None) if mod is not None else None
+        if prepack is None:
+            self._prepacked[key] = None
+        else:
+            # optional hints a prepack may take: the activation and weight bit-widths
+            hints = {"a_bits": self.in_bits, "w_bits": self.w_bits}
+            kw = {k: v for k, v in hints.items() if _accepts(prepack, k)}
+            if self.kind == "conv2d":
+                self._prepacked[key] = (fn, prepack(self.w, self.groups, **kw))
             else:
-                # optional hints a prepack may take: the activation and weight bit-widths
-                hints = {"a_bits": self.in_bits, "w_bits": self.w_bits}
-                kw = {k: v for k, v in hints.items() if _accepts(prepack, k)}
-                if self.kind == "conv2d":
-                    self._prepacked[key] = (fn, prepack(self.w, self.groups, **kw))
-                else:
-                    self._prepacked[key] = (fn, prepack(self.w, **kw))
+                self._prepacked[key] = (fn, prepack(self.w, **kw))
         return self._prepacked[key]
 
     def acc(self, x: torch.Tensor) -> torch.Tensor:
