@@ -215,7 +215,7 @@ def latency_block(root: Path, images: dict[Path, Path]) -> str:
         parts += _bench_section(t.rows, root)
         parts += [
             "Milliseconds per batch (median); in brackets the speed-up over fp32 and over int8 "
-            "(> 1× = faster).",
+            "(> 1× = faster; ratios truncated, not rounded).",
             "",
             report.latency_table_markdown(t),
             "",

@@ -881,14 +881,14 @@ def fmt_num(v: Any) -> str:
 
 
 def fmt_ratio(r: Any) -> str:
-    """A speed ratio: ``172×``, ``5.6×``, ``0.22×``; ``–`` for a missing value."""
+    """A speed ratio, truncated (never rounded up) to what is shown: ``172×``, ``5.6×``,
+    ``0.98×`` for 0.9987, ``0.057×``; ``–`` for a missing value."""
     if not _num(r) or r <= 0:
         return "–"
-    if r >= 9.95:
-        return f"{r:,.0f}×"
-    if r >= 0.995:
-        return f"{r:.1f}×"
-    return f"{r:.{1 - math.floor(math.log10(r))}f}×"  # two significant digits: 0.40×, 0.057×
+    if r >= 10:
+        return f"{math.floor(r + 1e-9):,d}×"
+    d = 1 if r >= 1 else 1 - math.floor(math.log10(r))  # two significant digits below 1
+    return f"{math.floor(r * 10**d + 1e-9) / 10**d:.{d}f}×"
 
 
 def fmt_pct(frac: Any) -> str:

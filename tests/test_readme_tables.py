@@ -46,6 +46,15 @@ def test_numbers_have_three_significant_digits_and_ratios_a_times_sign():
         "0.40×",
         "1.0×",
     ]
+    # truncated, never rounded up: 0.9987 is not "1.0×", 9.97 not "10×"
+    assert [report.fmt_ratio(r) for r in (0.9987, 1.0056, 9.97, 0.987, 0.0579, 12.99)] == [
+        "0.99×",
+        "1.0×",
+        "9.9×",
+        "0.98×",
+        "0.057×",
+        "12×",
+    ]
     assert report.fmt_ratio(None) == "–" and report.fmt_pct(1.0483) == "105%"
 
 
@@ -225,7 +234,7 @@ def test_reference_backend_packed_rows_give_way_to_a_kernel_backend_on_the_same_
     assert "†" not in report.latency_table_markdown(tables[0])
     tables[0].cells[("packed W4A4 (cpp)", 1)].row["validated"] = False
     md = report.latency_table_markdown(tables[0])
-    assert "| 1.60 (5.0× fp32, 3.8× int8) † |" in md and "not validated" in md
+    assert "| 1.60 (5.0× fp32, 3.7× int8) † |" in md and "not validated" in md
     assert any("1 `reference`-backend packed row" in n for n in notes)
     assert any(n.startswith("No table for m on EPYC (2 logical cores, 2 torch") for n in notes)
 
