@@ -631,13 +631,11 @@ inline void row_pointers(const uint8_t** ptr, int rows, int64_t p0, int64_t Wo, 
   }
 }
 
-// Receptive-field sums of one padded NHWC image (the shifted int8 weights' correction):
-// sx[oh * Wo + ow] = sum over kh < KH, kw < KW, c < Cg of
-// img[((oh sh + kh) Wp + ow sw + kw) ct + c] - zk. Separable, in three passes that vectorise
-// along the pixels: per-pixel channel sums S, KW-wide sums along each padded row R, KH-tall sums
-// of R (the loops before were ordered
-// reduction-innermost and ran scalar: 22% of the ResNet-20 integer stem). Exact in int32: a sum
-// is at most 255 * K, far inside the op's int32 accumulator bound on K.
+// Im2col rows of a tile (PackedConv::im2col): row r of col (ldk bytes) gets the KH segments of
+// krow bytes that start at rowp[r], rowp[r] + rstride, ..., back to back. Segments of up to 32
+// bytes are copied 32 bytes at a time (one load and store each with AVX-512; col and the source
+// need 32 bytes of slack): the bytes past a segment are overwritten by the next segment or the
+// next row, or lie past the window, where the panel holds zero weights.
 #ifdef PDQ_X86
 PDQ_VNNI void im2col_rows_vnni(const uint8_t* const* rowp, int rows, int64_t KH, int64_t rstride,
                                int64_t krow, int64_t ldk, uint8_t* col) {
@@ -651,6 +649,31 @@ PDQ_VNNI void im2col_rows_vnni(const uint8_t* const* rowp, int rows, int64_t KH,
 }
 #endif
 
+void im2col_rows(Isa isa, const uint8_t* const* rowp, int rows, int64_t KH, int64_t rstride,
+                 int64_t krow, int64_t ldk, uint8_t* col) {
+#ifdef PDQ_X86
+  if (krow <= 32 && isa == Isa::kAvx512Vnni)
+    return im2col_rows_vnni(rowp, rows, KH, rstride, krow, ldk, col);
+#endif
+  for (int r = 0; r < rows; ++r) {
+    uint8_t* d = col + r * ldk;
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      if (krow <= 32) {  // a constant size: inlined moves
+        std::memcpy(d + kh * krow, rowp[r] + kh * rstride, 32);
+      } else {
+        std::memcpy(d + kh * krow, rowp[r] + kh * rstride, krow);
+      }
+    }
+  }
+}
+
+// Receptive-field sums of one padded NHWC image (the shifted int8 weights' correction):
+// sx[oh * Wo + ow] = sum over kh < KH, kw < KW, c < Cg of
+// img[((oh sh + kh) Wp + ow sw + kw) ct + c] - zk. Separable, in three passes that vectorise
+// along the pixels: per-pixel channel sums S, KW-wide sums along each padded row R, KH-tall sums
+// of R (the loops before were ordered
+// reduction-innermost and ran scalar: 22% of the ResNet-20 integer stem). Exact in int32: a sum
+// is at most 255 * K, far inside the op's int32 accumulator bound on K.
 struct ReceptiveSums {
   int64_t Hp, Wp, ct, Cg, KH, KW, sh, sw, Ho, Wo;
   int32_t zk;
@@ -722,9 +745,9 @@ PDQ_VBMI void receptive_sums_simd(const ReceptiveSums& g, const uint8_t* img, in
       const int64_t nl = std::min<int64_t>(16, np - i);
       const __mmask64 kb = nl == 16 ? 0xFFFFFFFFFFFFull : (1ull << (3 * nl)) - 1;
       const __m512i v = _mm512_maskz_loadu_epi8(kb, img + 3 * i);
-      const __m512i t = _mm512_add_epi32(_mm512_add_epi32(bytes16_epi32(i0, v), bytes16_epi32(i1, v)),
-                                         bytes16_epi32(i2, v));
-      _mm512_mask_storeu_epi32(S + i, static_cast<__mmask16>((1u << nl) - 1), t);
+      const __m512i t = _mm512_add_epi32(
+          _mm512_add_epi32(bytes16_epi32(i0, v), bytes16_epi32(i1, v)), bytes16_epi32(i2, v));
+      _mm512_mask_storeu_epi32(S + i, lanes(nl), t);
     }
   } else {
     for (int64_t i = 0; i < np; ++i) S[i] = img[i * g.ct];
@@ -1093,10 +1116,9 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
     return cost;
   };
   std::vector<Span> csp = spans(Wo, sw, pw, pk.KW, W, false);
-  // Edge blocks across the batch: where tiles need not run image by image (not per_image), an
-  // edge block's tiles run through its pixels in every image (a 7x7 output's left column at batch 8:
-  // 40 pixels, five full 8-row calls, instead of a 5-row call per image; a corner: one 8-row
-  // call instead of eight 1-row ones).
+  // Edge blocks across the batch where tiles need not run image by image (not per_image): a
+  // 7x7 output's left column at batch 8 is 40 pixels, five full 8-row calls, instead of a
+  // 5-row call per image; a corner one 8-row call instead of eight 1-row ones.
   const int64_t nimg_cols = per_image ? 1 : N;
   if (edge_rows && nhwc && pw > 0 && !pk.dense && !shifted) {
     std::vector<Span> cols = spans(Wo, sw, pw, pk.KW, W, true);
@@ -1251,22 +1273,8 @@ at::Tensor run(const PackedConv& pk, const at::Tensor& x_in, int64_t x_zp, const
       } else {
         row_pointers(rowp, rows, p0, Wo, window);
       }
-      if (pk.im2col) {  // each row's KH segments of krow bytes, back to back
-        if (krow <= 32 && isa == Isa::kAvx512Vnni) {
-          im2col_rows_vnni(rowp, rows, pk.KH, RS * ct, krow, ldk, col.data());
-        } else {
-          for (int r = 0; r < rows; ++r) {
-            uint8_t* d = col.data() + r * ldk;
-            for (int64_t kh = 0; kh < pk.KH; ++kh) {
-              const uint8_t* src = rowp[r] + kh * RS * ct;
-              if (krow <= 32) {  // fixed-size copy; the bytes past krow are overwritten by the
-                std::memcpy(d + kh * krow, src, 32);  // next segment, next row, or meet zero
-              } else {                                 // weights (past kwin)
-                std::memcpy(d + kh * krow, src, krow);
-              }
-            }
-          }
-        }
+      if (pk.im2col) {
+        im2col_rows(isa, rowp, rows, pk.KH, RS * ct, krow, ldk, col.data());
         for (int r = 0; r < rows; ++r) rowp[r] = col.data() + r * ldk;
         for (int r = rows; r < kTileRows; ++r) rowp[r] = rowp[rows - 1];
       }

@@ -598,10 +598,7 @@ PDQ_VNNI_INLINE void cols_vnni_t(const Epilogue& e, const __m512i* r, int n, int
     if constexpr (CODES) {
       uint8_t* outb = static_cast<uint8_t*>(e.out) + base;
       const __m512i b = narrow4(qcode(y[0], qo), qcode(y[1], qo), qcode(y[2], qo), qcode(y[3], qo));
-      store_lane(outb, _mm512_castsi512_si128(b), k);
-      if (nv > 1) store_lane(outb + ch_stride, opaque(_mm512_extracti32x4_epi32(b, 1)), k);
-      if (nv > 2) store_lane(outb + 2 * ch_stride, opaque(_mm512_extracti32x4_epi32(b, 2)), k);
-      if (nv > 3) store_lane(outb + 3 * ch_stride, opaque(_mm512_extracti32x4_epi32(b, 3)), k);
+      store_lanes(outb, ch_stride, b, nv, k);
     } else {
       float* outf = static_cast<float*>(e.out) + base;
       for (int q = 0; q < nv; ++q) store_f32(outf + q * ch_stride, y[q], k);
