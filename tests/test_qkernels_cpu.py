@@ -135,7 +135,7 @@ CONV_SHAPES = [
     # several superblocks: pixel-major (127 and 100 channels above: panels of a few KB) and,
     # above 256 KB of panel (2304 x 128 bytes here), superblock-major
     (2, 256, 3, 5, 128, 3, 1, 1, 1),
-    # edge blocks across the batch (superblock-major, so the whole batch is padded first): a
+    # edge blocks across the batch (superblock-major: tiles need not run image by image): a
     # 7x7 output's corners, edges and interior gathered over 3 images; 144 channels = 331 KB of
     # panel, three superblocks
     (3, 256, 7, 7, 144, 3, 1, 1, 1),
