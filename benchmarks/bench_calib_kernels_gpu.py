@@ -387,12 +387,12 @@ def main(argv: list[str] | None = None) -> int:
         cases = [Case(**{**c.__dict__, "shape": QUICK_SHAPES[c.name]}) for c in cases]
     peak = gpu_hbm_peak(torch.cuda.get_device_name()) if args.device == "cuda" else None
     t0 = time.perf_counter()
-    rows = []
     for case in cases:
-        rows += run_case(case, args.device, not args.no_compile, peak)
-    for row in rows:
-        row["hbm_peak_GBs"] = peak / 1e9 if peak else None
-    record(SUITE, rows, device=args.device, out_dir=args.out, columns=COLUMNS)
+        # Appended case by case: a run stopped at its time limit keeps the cases it finished.
+        rows = run_case(case, args.device, not args.no_compile, peak)
+        for row in rows:
+            row["hbm_peak_GBs"] = peak / 1e9 if peak else None
+        record(SUITE, rows, device=args.device, out_dir=args.out, columns=COLUMNS)
     print(f"[{SUITE}] {len(cases)} cases in {time.perf_counter() - t0:.1f} s")
     return 0
 
