@@ -328,6 +328,11 @@ def qconv2d_prepack_triton(w: torch.Tensor, groups: int, a_bits: int = 8) -> QCo
     return QConvPacked(w.contiguous(memory_format=torch.channels_last), wsum, groups, a_bits <= 7)
 
 
+#: Smallest K of an int8 ``tl.dot`` that Triton compiles for NVIDIA GPUs ("Input shapes should
+#: have M >= 1, N >= 1 and K >= 32"); the interpreter does not check it, so launch does.
+DOT_MIN_K = 32
+
+
 @dataclass(frozen=True)
 class QConvConfig:
     block_m: int
@@ -342,9 +347,11 @@ def _conv_candidates(cg: int, og: int, depthwise: bool) -> list[QConvConfig]:
         if interpret_mode():
             return [QConvConfig(16, 16, 0, 4, 1)]
         return [QConvConfig(64, 64, 0, 4, 1), QConvConfig(128, 32, 0, 4, 1)]
-    blocked_bk = next((bk for bk in (128, 64, 32, 16) if cg % bk == 0), 0)
+    # An int8 tl.dot needs K >= 32 on the GPU (the interpreter accepts less, so the candidates
+    # here keep to it too): a group of 16 channels takes the flat-K loop over (tap, channel).
+    blocked_bk = next((bk for bk in (128, 64, 32) if cg % bk == 0), 0)
     if interpret_mode():
-        return [QConvConfig(16, 16, min(blocked_bk, 32) if blocked_bk else 16, 4, 1)]
+        return [QConvConfig(16, 16, DOT_MIN_K, 4, 1)]
     bn = 128 if og >= 128 else 64
     bk = min(blocked_bk, 64) if blocked_bk else 32
     cands = [
@@ -476,6 +483,11 @@ def qconv2d_triton(
                 enable_fp_fusion=False,
             )
             return y
+        if cfg.block_k < DOT_MIN_K or cfg.block_k & (cfg.block_k - 1):
+            raise ValueError(
+                f"qconv2d_triton: config block_k={cfg.block_k}; an int8 dot needs a power of two "
+                f">= {DOT_MIN_K}"
+            )
         flat = cg % cfg.block_k != 0
         xv = x.view(torch.int8) if fast else x
         grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(og, cfg.block_n), groups)

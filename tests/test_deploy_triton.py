@@ -259,7 +259,8 @@ def test_qlinear_extreme_zero_points_and_clamps():
 
 CONV_CASES = [
     # nb, c, h, w, o, k, stride, pad, groups, w dtype, a_bits, out_bits, act, residual
-    (2, 16, 6, 5, 20, 3, 1, 1, 1, torch.int8, 4, 4, 1, True),  # 3x3, channel-blocked K loop
+    (2, 16, 6, 5, 20, 3, 1, 1, 1, torch.int8, 4, 4, 1, True),  # 3x3, 16 ch: flat K over taps
+    (1, 32, 5, 4, 20, 3, 1, 1, 1, torch.int8, 4, 4, 1, True),  # 3x3, channel-blocked K loop
     (1, 3, 9, 9, 16, 7, 2, 3, 1, torch.int16, 8, 0, 0, False),  # 8-bit stem, flat K loop
     (2, 32, 5, 5, 17, 1, 2, 0, 1, torch.int8, 8, 8, 2, False),  # 1x1 stride 2 (downsample)
     (2, 8, 7, 6, 8, 3, 2, 1, 8, torch.int8, 4, 4, 2, True),  # depthwise 3x3 stride 2
@@ -316,6 +317,28 @@ def test_qconv2d_bit_exact(case):
         want_cl = variant == "channels-last" and not xx.is_contiguous()
         assert y.is_contiguous(memory_format=torch.channels_last) == want_cl or y.is_contiguous()
     assert torch.equal(dc.qconv2d_triton(*dev).cpu(), ref)  # plain weight, runtime-style call
+
+
+@pytest.mark.parametrize("cg", [1, 3, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512])
+def test_qconv2d_gpu_candidates_keep_the_dot_minimum(monkeypatch, cg):
+    """The configs a GPU would time: every int8 dot has K >= 32 (Triton refuses less on NVIDIA
+    GPUs; the interpreter accepts it, which let 16-channel layers fail only on a GPU), and
+    the channel-blocked loop is taken only where block_k divides the group's channels."""
+    monkeypatch.setattr(dc, "interpret_mode", lambda: False)
+    for og in (16, 64, 256):
+        for cfg in dc._conv_candidates(cg, og, depthwise=cg == 1):
+            if cg == 1:
+                continue
+            assert cfg.block_k >= dc.DOT_MIN_K and cfg.block_k & (cfg.block_k - 1) == 0, cfg
+            if cg % cfg.block_k == 0:
+                assert cfg.block_k <= cg
+
+
+def test_qconv2d_rejects_a_dot_below_its_minimum_k():
+    args, _ = _conv_args(CONV_CASES[0], seed=5)
+    dev = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    with pytest.raises(ValueError, match="block_k=16"):
+        dc.qconv2d_triton(*dev, config=dc.QConvConfig(16, 16, 16, 4, 1))
 
 
 def test_residual_codes_bit_exact():
