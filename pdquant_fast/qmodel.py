@@ -75,7 +75,7 @@ class QuantLayer(nn.Module):
         if bn is not None:
             w, b = fold_bn(w, b, bn)
         if b is None:
-            b = torch.zeros(w.shape[0])
+            b = torch.zeros(w.shape[0], device=w.device)
         self.register_buffer("org_weight", w.clone())
         self.register_buffer("org_bias", b.clone())
         # The copied layer keeps only its hyper-parameters (stride, padding, static padding).

@@ -128,10 +128,10 @@ def mse_search_2d(
         xf = score_on.reshape(1, -1).float()
     rng = x_max - x_min  # [C]
     c, k = xf.shape
-    best_score = torch.full((c,), float("inf"))
+    best_score = torch.full((c,), float("inf"), device=xf.device)
     best_min = x_min.clone()
     best_max = x_max.clone()
-    zps = torch.arange(n + 1, dtype=torch.float32)  # [Z]
+    zps = torch.arange(n + 1, dtype=torch.float32, device=xf.device)  # [Z]
     # For range i every zero point shares the step d = r_i / n (calculate_qparams of the
     # candidate interval [-zp d, r_i - zp d] gives back d and zp), so the integer code
     # k = round(x / d) is computed once per range and each zero point only changes the clamp:
@@ -141,7 +141,9 @@ def mse_search_2d(
     ranges_per_chunk = max(1, chunk_elems // max(per_range, 1))
     zp_chunk = n + 1 if per_range <= chunk_elems else max(1, chunk_elems // (c * k))
     for i0 in range(1, steps + 1, ranges_per_chunk):
-        i_idx = torch.arange(i0, min(steps, i0 + ranges_per_chunk - 1) + 1, dtype=torch.float32)
+        i_idx = torch.arange(
+            i0, min(steps, i0 + ranges_per_chunk - 1) + 1, dtype=torch.float32, device=xf.device
+        )
         r = rng[None, :] * i_idx[:, None] / steps  # [I, C]
         d = torch.clamp(r / n, min=1e-8)
         codes = torch.round(xf[None] / d[..., None])  # [I, C, K]
@@ -188,7 +190,7 @@ def mse_search_1d(
     t_max = torch.maximum(x_min.abs(), x_max)
     if score_on is not None:
         xf = score_on.reshape(1, -1).float()
-    i_idx = torch.arange(1, steps + 1, dtype=torch.float32)
+    i_idx = torch.arange(1, steps + 1, dtype=torch.float32, device=xf.device)
     t = t_max[None, :] * i_idx[:, None] / steps  # [I, C]
     if one_side == "pos":
         cmin, cmax = torch.zeros_like(t), t
@@ -419,7 +421,10 @@ class ActQuantizer(nn.Module):
             if self.seed_counter is not None:
                 seed = self.seed_counter.add_(1).clone()
             else:
-                seed = torch.randint(0, 2**62, (), generator=self.generator).to(x.device)
+                s = int(torch.randint(0, 2**62, (), generator=self.generator))
+                # a fill kernel on x's device, not a copy from host memory (which would make the
+                # host wait for the GPU)
+                seed = torch.full((), s, dtype=torch.int64, device=x.device)
         return ops.fake_quant_act(
             x.contiguous(), self.delta, self.zp, self.bits, -1, self.keep_prob, seed, None
         )
