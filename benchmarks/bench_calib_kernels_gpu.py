@@ -12,7 +12,8 @@ Cases (shapes of real layers; PD-Quant reconstructs with a batch of 64):
 Each step is one forward and one backward (``autograd.grad`` of the output with a fixed upstream
 gradient, giving grad_x and grad_delta / grad_alpha). Candidates, timed in the same process:
 
-* ``cuda`` / ``triton``: the op with that backend forced (``pdquant_fast.ops.force``);
+* ``cuda`` / ``triton``: the op with that backend forced (``pdquant_fast.ops.force``), eager,
+  timed inside ``ops.deferred_checks()`` as the engine calls it (no host sync per call);
 * ``cuda+graph`` / ``triton+graph``: the same step captured once in a CUDA graph, replayed;
 * ``reference``: the op with the plain-PyTorch reference backend (float64 grad_delta sum);
 * ``ste_eager``: the straight-through composite a PyTorch user writes (round-STE, clamp, QDrop
@@ -43,6 +44,7 @@ printed. ``--device cpu --quick`` runs tiny shapes on the CPU (a smoke test of t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -336,7 +338,10 @@ def run_case(case: Case, device: str, with_compile: bool, peak: float | None) ->
                 fn = capture_graph(step, device)
             else:
                 fn = step
-            t = measure(fn, device=device, warmup=2, repeat=5 if device == "cpu" else 20)
+            # eager GPU calls as the engine makes them: step checks without a host sync
+            checks = ops.deferred_checks() if device == "cuda" else contextlib.nullcontext()
+            with checks:
+                t = measure(fn, device=device, warmup=2, repeat=5 if device == "cpu" else 20)
             timings[name] = t
             row.update(ms=t.median_s * 1e3, p10_ms=t.p10_s * 1e3, p90_ms=t.p90_s * 1e3)
             gbs = case.bytes_moved() / t.median_s / 1e9

@@ -8,7 +8,8 @@ variables and the activation steps. Variants, all in the same process, same unit
 
 * ``reference``: every quantizer op through the plain-PyTorch reference (``PDQUANT_KERNELS=
   reference``), eager;
-* ``fused``: the default backend (C++ on CPU; CUDA/Triton on GPU), eager;
+* ``fused``: the default backend (C++ on CPU; CUDA/Triton on GPU), eager; on a GPU the ops'
+  step checks run inside ``ops.deferred_checks()`` as in the engine (no host sync per call);
 * ``fused+graph`` (CUDA only): the whole step captured once in a CUDA graph and replayed. The
   QDrop seeds come from device counters and the batch indices from the device generator, so the
   replay draws fresh masks and batches with no host synchronisation; Adam is ``capturable``. The
@@ -32,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 # PyTorch's CPU allocator on huge pages, as the pdquant CLI runs it (docs/KERNELS.md, "large
@@ -67,12 +69,13 @@ class Step:
 
     def __init__(self, model, shape, k: int, device: str, n_calib: int, graph_safe: bool):
         torch.manual_seed(0)
-        x = torch.randn(n_calib, *shape)
-        cfg = make_config("pdquant", preset="resnet", w_bits=2, a_bits=4, iters=1000, seed=1005)
-        self.cfg = cfg
-        cal = Calibrator(model, x, cfg, log=None, progress=False)
         dev = torch.device(device)
         self.dev = dev
+        x = torch.randn(n_calib, *shape).to(dev)
+        cfg = make_config("pdquant", preset="resnet", w_bits=2, a_bits=4, iters=1000, seed=1005)
+        self.cfg = cfg
+        # model and images on the device before the engine sees them, as a GPU calibration runs
+        cal = Calibrator(model.to(dev), x, cfg, log=None, progress=False)
         self.fp, self.q = cal.fp.to(dev), cal.q.to(dev)
         self.fp_tail = cal._fp_tail().to(dev)  # the engine's BN-folded remainder
         self.fp_exec = cal.fp_exec
@@ -112,17 +115,18 @@ class Step:
             torch.optim.Adam(deltas, lr=cfg.lr_delta, **cap),
         ]
         self.gen = cal.gen
+        self.cal = cal
         self.graph_safe = graph_safe
         self.bs = 32
 
-    def __call__(self) -> torch.Tensor:
+    def step(self) -> torch.Tensor:
         cfg, bs, n = self.cfg, self.bs, self.x_q.shape[0]
         if self.graph_safe:
             idx = torch.randint(0, n, (bs,), device=self.dev)
             u = torch.rand((bs, *self.x_q.shape[1:]), device=self.dev)
-        else:
-            idx = torch.randint(0, n, (bs,), generator=self.gen).to(self.dev)
-            u = torch.rand((bs, *self.x_q.shape[1:]), generator=self.gen).to(self.dev)
+        else:  # as Calibrator._optimise draws them: no host sync on a GPU
+            idx = torch.randint(0, n, (bs,), generator=self.gen).to(self.dev, non_blocking=True)
+            u = self.cal._uniform((bs, *self.x_q.shape[1:]), self.dev)
         xq = self.x_q[idx]
         xin = torch.where(u < cfg.keep_prob, xq, self.x_c[idx])
         out = self.q_unit(torch.cat([xin, xq]))
@@ -138,6 +142,14 @@ class Step:
         for o in self.opts:
             o.step()
         return total.detach()
+
+    def __call__(self) -> torch.Tensor:
+        # the engine's loop runs inside ops.deferred_checks() on a GPU (no host sync per op call);
+        # here the verdict is read after every iteration, which the timing syncs after anyway
+        if self.dev.type == "cpu":
+            return self.step()
+        with ops.deferred_checks():
+            return self.step()
 
 
 def build_variant(args, backend: str | None, graph: bool):
@@ -173,6 +185,7 @@ def time_interleaved(args, variants):
             times[name] = []
         except Exception as exc:  # record and go on: one broken variant must not hide the rest
             errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+            traceback.print_exc()  # the whole trace in the log: the row keeps only the message
     for r in range(args.iters + 3):
         for name, (backend, run) in list(runs.items()):
             ops.force(backend)
@@ -184,6 +197,7 @@ def time_interleaved(args, variants):
                     times[name].append(time.perf_counter() - t0)
             except Exception as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                traceback.print_exc()
                 del runs[name]
             finally:
                 ops.force(None)

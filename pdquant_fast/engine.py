@@ -22,6 +22,7 @@ recomputes them for every unit, spec §6.2 item 3).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -269,6 +270,12 @@ class Calibrator:
             raise ValueError(
                 f"calibration images contain NaN or Inf ({n_bad} values); images must be finite"
             )
+        model_devs = {t.device for t in (*model.parameters(), *model.buffers())}
+        if model_devs - {calib.device}:
+            raise ValueError(
+                f"the model is on {sorted(str(d) for d in model_devs)} but the calibration images "
+                f"are on {calib.device}; put both on one device (model.to(dev), images.to(dev))"
+            )
         self.cfg = cfg
         self.calib = calib.float().contiguous()
         self.log = log or (lambda s: None)
@@ -294,6 +301,7 @@ class Calibrator:
         self.q.requires_grad_(False)
         self.q_exec = UnitExecutor(self.q, shape)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self._device_gens: dict[torch.device, torch.Generator] = {}  # see _uniform
         self.device = self.calib.device
         self.cache_mode, self.cache_dir = cache, cache_dir
         self._in_shapes, self._out_shapes = self._probe_unit_shapes()
@@ -558,6 +566,21 @@ class Calibrator:
                 a.enabled = e
         return torch.cat(got)
 
+    def _uniform(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """QDrop's uniform draw. On the CPU it comes from the engine generator (the stream the
+        CPU results were always drawn from). On another device it comes from a generator on that
+        device, reseeded every call from the engine generator: no host->device copy of the
+        batch-sized draw, and the run stays reproducible and resumable from the engine
+        generator's state alone."""
+        if device.type == "cpu":
+            return torch.rand(shape, generator=self.gen)
+        seed = int(torch.randint(0, 2**62, (), generator=self.gen))
+        g = self._device_gens.get(device)
+        if g is None:
+            g = self._device_gens[device] = torch.Generator(device=device)
+        g.manual_seed(seed)
+        return torch.rand(shape, generator=g, device=device)
+
     def _optimise(self, module, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, label) -> None:
         """The per-iteration loop of spec §2.3 on ``module`` (a unit or a single layer)."""
         cfg = self.cfg
@@ -586,7 +609,8 @@ class Calibrator:
         beta_of = LinearTempDecay(cfg.iters, cfg.warmup, cfg.b_start, cfg.b_end)
         n = x_q.shape[0]
         bs = min(cfg.batch_size, n)  # a batch never exceeds the calibration set
-        hist: dict[str, list[float]] = {"rec": [], "pd": [], "round": [], "total": []}
+        dev = self.device
+        hist: dict[str, list] = {"rec": [], "pd": [], "round": [], "total": []}
         keep_last = max(1, cfg.iters // 10)
         bar = None
         if self.progress:
@@ -594,58 +618,65 @@ class Calibrator:
 
             bar = tqdm(total=cfg.iters, desc=label[:28], unit="it", leave=False, dynamic_ncols=True)
         t_opt = time.perf_counter()
+        # On a GPU the ops check the learned steps without a host sync per call; the verdict is
+        # read once, after the loop (ops.deferred_checks). On the CPU a check costs no sync.
+        checks = ops.deferred_checks() if dev.type != "cpu" else contextlib.nullcontext()
         try:
-            for it in range(1, cfg.iters + 1):
-                if alphas:
-                    beta = beta_of(it)
-                    for ql in layers:
-                        ql.wq.beta.fill_(beta)
-                idx = torch.randint(0, n, (bs,), generator=self.gen)
-                xq = x_q[idx]
-                if cfg.qdrop:
-                    u = torch.rand(xq.shape, generator=self.gen)
-                    xin = torch.where(u < cfg.keep_prob, xq, x_c[idx])
-                else:
-                    xin = xq
-                if tail is not None:
-                    out = module(torch.cat([xin, xq]))
-                    o_drop, o_q = out[:bs], out[bs:]
-                else:
-                    o_drop = module(xin)
-                rec = lp_loss(o_drop, y_c[idx])
-                total = rec if cfg.rec_loss else rec.detach() * 0
-                pd_val = 0.0
-                if tail is not None:
-                    z_q = tail(o_q)
-                    pd = kl_prediction_loss(z_q, z_fp[idx], cfg.temperature)
-                    total = total + pd / cfg.lamb_r
-                    pd_val = pd
-                round_val = 0.0
-                if alphas and cfg.round_loss and it >= cfg.warmup * cfg.iters:
-                    # the fused soft forward above already computed each layer's regulariser
-                    # with this iteration's beta
-                    rl = cfg.round_weight * sum(ql.wq.last_reg for ql in layers)
-                    total = total + rl
-                    round_val = rl
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                total.backward()
-                for o in opts:
-                    o.step()
-                if sched is not None:
-                    sched.step()
-                if it > cfg.iters - keep_last:
-                    hist["rec"].append(float(rec.detach()))
-                    hist["pd"].append(float(pd_val.detach() if torch.is_tensor(pd_val) else pd_val))
-                    hist["round"].append(
-                        float(round_val.detach() if torch.is_tensor(round_val) else round_val)
-                    )
-                    hist["total"].append(float(total.detach()))
-                self._iters_done += 1
-                if bar is not None:
-                    bar.update(1)
-                    if it % 50 == 0 or it == cfg.iters:
-                        bar.set_postfix_str(self._eta_text() + f" rec={float(rec.detach()):.3g}")
+            with checks:
+                for it in range(1, cfg.iters + 1):
+                    if alphas:
+                        beta = beta_of(it)
+                        for ql in layers:
+                            ql.wq.beta.fill_(beta)
+                    at = _Batch(torch.randint(0, n, (bs,), generator=self.gen), dev)
+                    xq = at(x_q)
+                    if cfg.qdrop:
+                        u = self._uniform(xq.shape, dev)
+                        xin = torch.where(u < cfg.keep_prob, xq, at(x_c))
+                    else:
+                        xin = xq
+                    if tail is not None:
+                        out = module(torch.cat([xin, xq]))
+                        o_drop, o_q = out[:bs], out[bs:]
+                    else:
+                        o_drop = module(xin)
+                    rec = lp_loss(o_drop, at(y_c))
+                    total = rec if cfg.rec_loss else rec.detach() * 0
+                    pd_val = 0.0
+                    if tail is not None:
+                        z_q = tail(o_q)
+                        pd = kl_prediction_loss(z_q, at(z_fp), cfg.temperature)
+                        total = total + pd / cfg.lamb_r
+                        pd_val = pd
+                    round_val = 0.0
+                    if alphas and cfg.round_loss and it >= cfg.warmup * cfg.iters:
+                        # the fused soft forward above already computed each layer's regulariser
+                        # with this iteration's beta
+                        rl = cfg.round_weight * sum(ql.wq.last_reg for ql in layers)
+                        total = total + rl
+                        round_val = rl
+                    for o in opts:
+                        o.zero_grad(set_to_none=True)
+                    total.backward()
+                    for o in opts:
+                        o.step()
+                    if sched is not None:
+                        sched.step()
+                    if it > cfg.iters - keep_last:
+                        # kept on the device, read after the loop: no host sync per iteration
+                        hist["rec"].append(rec.detach())
+                        hist["pd"].append(pd_val.detach() if torch.is_tensor(pd_val) else pd_val)
+                        hist["round"].append(
+                            round_val.detach() if torch.is_tensor(round_val) else round_val
+                        )
+                        hist["total"].append(total.detach())
+                    self._iters_done += 1
+                    if bar is not None:
+                        bar.update(1)
+                        if it % 50 == 0 or it == cfg.iters:
+                            bar.set_postfix_str(
+                                self._eta_text() + f" rec={float(rec.detach()):.3g}"
+                            )
         finally:
             if bar is not None:
                 bar.close()
@@ -658,7 +689,9 @@ class Calibrator:
         for a in acts:
             a.keep_prob = 1.0
             a.delta.requires_grad_(False)
-        rep.losses = {k: sum(v) / len(v) for k, v in hist.items() if v}
+        rep.losses = {
+            k: sum(v) / len(v) for k, v in ((k, _floats(v)) for k, v in hist.items()) if v
+        }
 
     def _eta_text(self) -> str:
         done = self._iters_done
@@ -669,6 +702,30 @@ class Calibrator:
         el = time.perf_counter() - self._t_opt_start
         rem = el / done * (self._iters_total - done)
         return f"run ETA {int(rem // 60)}m{int(rem % 60):02d}s"
+
+
+class _Batch:
+    """Rows ``idx`` (drawn on the CPU) of tensors that may live on the host or on ``dev``,
+    returned on ``dev``. The index goes to each tensor's device once, without a host sync
+    (``non_blocking``); rows already on ``dev`` are not copied."""
+
+    def __init__(self, idx: torch.Tensor, dev: torch.device):
+        self.idx, self.dev, self.on = idx, dev, {idx.device: idx}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        i = self.on.get(t.device)
+        if i is None:
+            i = self.on[t.device] = self.idx.to(t.device, non_blocking=True)
+        return t[i].to(self.dev, non_blocking=True)
+
+
+def _floats(vals: list) -> list[float]:
+    """``[float(v) for v in vals]`` with one device-to-host transfer for the tensors."""
+    tens = [v for v in vals if torch.is_tensor(v)]
+    if not tens:
+        return [float(v) for v in vals]
+    got = iter(torch.stack([t.reshape(()).float() for t in tens]).tolist())
+    return [next(got) if torch.is_tensor(v) else float(v) for v in vals]
 
 
 @torch.no_grad()

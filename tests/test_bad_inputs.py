@@ -382,6 +382,18 @@ def test_api_nan_or_inf_in_weights(r8, value):
         quantize(m, X4, **QUICK)
 
 
+def test_api_model_and_images_on_different_devices(r8):
+    """Without a second real device here, the model goes to ``meta``: the error names both
+    devices before anything runs on either."""
+    import copy
+
+    m = copy.deepcopy(r8).to("meta")
+    with pytest.raises(
+        ValueError, match=r"the model is on \['meta'\] but the calibration images are on cpu"
+    ):
+        quantize(m, X4, **QUICK)
+
+
 def test_cli_nan_in_weights_file(shared_data, tmp_path, few, capsys):
     sd = torch.load(shared_data / R20, map_location="cpu", weights_only=True)
     sd["state_dict"]["module.linear.weight"][3, 5] = float("nan")
@@ -982,6 +994,30 @@ def test_op_per_tensor_zero_step_and_mse_search_nan():
     x[0, 0] = float("nan")
     with pytest.raises(OpInputError, match="x contains NaN or Inf; the search needs finite values"):
         ops.mse_search_2d(x, 4, 10)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_op_invalid_step_inside_deferred_checks_is_reported_when_the_block_ends(bad):
+    """Inside ``ops.deferred_checks()`` a step is checked without reading it back (on a GPU:
+    without a host sync): the call runs, and the outermost block raises when it ends. Nested
+    blocks check once, at the outermost; an exception raised inside is not masked by it; a
+    clean block raises nothing and leaves nothing pending."""
+    x = torch.randn(4, 6)
+    z = torch.tensor(0.0)
+    with ops.deferred_checks():
+        ops.fake_quant_act(x, torch.tensor(0.25), z, 4, 0, 1.0, None, None)
+    with pytest.raises(
+        OpInputError, match=r"an invalid value reached a fake-quant or AdaRound op on cpu"
+    ):
+        with ops.deferred_checks():
+            with ops.deferred_checks():
+                y = ops.fake_quant_act(x, torch.tensor(bad), z, 4, 0, 1.0, None, None)
+            assert y.shape == x.shape  # the inner block ended: nothing raised yet
+    with pytest.raises(KeyError):  # the caller's own error wins; the pending verdict is dropped
+        with ops.deferred_checks():
+            ops.fake_quant_act(x, torch.tensor(bad), z, 4, 0, 1.0, None, None)
+            raise KeyError("first")
+    ops.check_deferred()  # nothing pending after either block
 
 
 @pytest.mark.parametrize(

@@ -264,3 +264,49 @@ def test_mse_search_opcheck(backend):
     torch.library.opcheck(
         torch.ops.pdquant.mse_search_2d, (x, 4, 10), test_utils=("test_schema", "test_faketensor")
     )
+
+
+# ------------------------------------------------------------------------------------------
+# no host sync in a reconstruction step's ops (the engine runs them inside deferred_checks)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_step_ops_make_no_host_sync_inside_deferred_checks(backend):
+    """A QDrop activation fake-quant through ActQuantizer (seed from the engine's CPU generator)
+    and an AdaRound soft weight, forward and backward, inside ``ops.deferred_checks()``:
+    ``torch.cuda.set_sync_debug_mode("error")`` raises on any host sync, so none happens. An
+    invalid step inside the block is still reported, when the block ends, and not before."""
+    from pdquant_fast.quant import ActQuantizer
+
+    kernel("fake_quant_act", backend)
+    kernel("adaround_soft", backend)
+    ops.force(backend)
+    aq = ActQuantizer(4, "a").to(DEV)
+    aq.init_from(torch.randn(4096, device=DEV).abs())
+    aq.enabled, aq.keep_prob, aq.generator = True, 0.5, torch.Generator().manual_seed(3)
+    aq.delta.requires_grad_(True)
+    w_floor, alpha, delta, zp, beta = adaround_inputs((64, 32, 3, 3), 4, DEV, gen_seed=1)
+    alpha.requires_grad_(True)
+    x = torch.randn(8, 32, 14, 14, device=DEV, requires_grad=True)
+    torch.cuda.synchronize()
+    with ops.deferred_checks():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                y = aq(x)
+                w_q, reg = ops.adaround_soft(w_floor, alpha, delta, zp, 4, beta)
+                loss = (y * y).sum() + (w_q * w_q).sum() + reg
+                loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and aq.delta.grad is not None and alpha.grad is not None
+    assert torch.isfinite(aq.delta.grad).all() and torch.isfinite(alpha.grad).all()
+
+    bad = delta.clone()
+    bad[5] = -1.0
+    with pytest.raises(ops.OpInputError, match=r"invalid value reached .* on cuda"):
+        with ops.deferred_checks():
+            ops.adaround_soft(w_floor, alpha.detach(), bad, zp, 4, beta)  # no raise here
+            ops.fake_quant_act(x.detach(), aq.delta.detach(), aq.zp, 4, -1, 1.0, None, None)
+    with pytest.raises(ops.OpInputError, match=r"finite and > 0; got 1 invalid"):
+        ops.adaround_soft(w_floor, alpha.detach(), bad, zp, 4, beta)  # outside: at the call

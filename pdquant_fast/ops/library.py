@@ -26,6 +26,8 @@ Ops (namespace ``pdquant``):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -81,13 +83,69 @@ def _check_bits(bits: int) -> None:
         raise OpInputError(f"bits must be one of {list(OP_BITS)}, got {bits!r}")
 
 
+# Deferred step checks (see deferred_checks): nesting depth, and per device a 0-d bool tensor on
+# that device, "every step seen so far was valid".
+_DEFER_DEPTH = 0
+_PENDING: dict[torch.device, Tensor] = {}
+
+
+@contextlib.contextmanager
+def deferred_checks():
+    """Check quantization steps without a host sync inside this block.
+
+    Outside it, the fake-quant and AdaRound ops check that every step (``delta``) is finite and
+    > 0 before they run, which on a GPU costs a host sync per call: the host waits for the GPU,
+    then launches the next kernels while the GPU idles. Inside it, the verdict is computed on the
+    device (four tiny kernels, no sync) and accumulated; :func:`check_deferred` reads it, once,
+    when the outermost block ends normally (and wherever a caller calls it), and raises
+    :class:`OpInputError` if any step seen was invalid. The offending call is then not known,
+    and ops run on the invalid steps until the check (their outputs are NaN or Inf, nothing
+    crashes). A step-size check inside a CUDA-graph capture is skipped either way. The
+    calibration engine runs its reconstruction loop on a GPU inside this block."""
+    global _DEFER_DEPTH
+    _DEFER_DEPTH += 1
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _DEFER_DEPTH -= 1
+        if not ok and _DEFER_DEPTH == 0:
+            _PENDING.clear()  # an exception is already on its way: do not mask it
+    if _DEFER_DEPTH == 0:
+        check_deferred()
+
+
+def check_deferred() -> None:
+    """Raise :class:`OpInputError` if a step checked inside :func:`deferred_checks` since the
+    last call was invalid (one host sync per device with pending verdicts; none without)."""
+    if any(d.type == "cuda" for d in _PENDING) and torch.cuda.is_current_stream_capturing():
+        return
+    pending = list(_PENDING.items())
+    _PENDING.clear()
+    for dev, ok in pending:
+        if not bool(ok):
+            raise OpInputError(
+                f"delta (the quantization step) must be finite and > 0; an invalid value reached "
+                f"a fake-quant or AdaRound op on {dev} (checked without a host sync inside "
+                "ops.deferred_checks(), so the call is not known; outside that block every call "
+                "is checked as it is made)"
+            )
+
+
 def _check_delta_values(delta: Tensor) -> None:
     """Every step must be finite and > 0 (a zero step divides by zero, a negative one flips
     the grid). One reduction; on a GPU it costs one host sync, skipped while a CUDA graph is
-    being captured (where a sync is not allowed)."""
+    being captured (where a sync is not allowed) and deferred inside :func:`deferred_checks`."""
     if delta.numel() == 0:
         return
     if delta.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    if _DEFER_DEPTH:
+        # log: NaN below 0, -inf at 0, +inf at +inf, NaN at NaN; finite exactly where valid
+        ok = torch.isfinite(torch.log(delta.detach())).all()
+        prev = _PENDING.get(delta.device)
+        _PENDING[delta.device] = ok if prev is None else prev.logical_and_(ok)
         return
     ok = (delta > 0) & (delta < float("inf"))  # NaN fails both comparisons
     if not bool(ok.all()):
