@@ -6,7 +6,9 @@
 #   gpu_check.log (all output), env.txt (nvidia-smi, versions, pdquant info), pytest_gpu.txt,
 #   calib_kernels_gpu.jsonl, calib_step.jsonl, deploy_gpu.jsonl, packed_latency.jsonl.
 # Each stage has its own time limit and a failed stage does not stop the next one; the exit code
-# is the number of failed stages. Budget: under 10 minutes at most, typically far less
+# is the number of failed stages. STAGES="build gpu-tests ..." runs only the stages named (a
+# rerun after a fix); GPU_TEST_PATHS narrows the tests, DEPLOY_SECTIONS the deploy benchmark.
+# The GPU engine test needs the shared data: point PDQUANT_SHARED_DATA at a carried copy. Budget: under 10 minutes at most, typically far less
 # (per-stage limits below, overridable: BUILD_S, GPU_TESTS_S, CALIB_BENCH_S, DEPLOY_BENCH_S,
 # STEP_BENCH_S, LATENCY_S). tests/test_gpu_check_script.py checks on any machine that every
 # command and flag used here exists.
@@ -20,6 +22,10 @@ FAILED=0
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log, count failures
   local name=$1 limit=$2
   shift 2
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then
+    echo "=== $name: not in STAGES, skipped" | tee -a "$LOG"
+    return
+  fi
   echo "=== [$(date +%T)] $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -44,14 +50,17 @@ fi
 timeout 30 $PY -m pdquant_fast.info >> "$OUT/env.txt" 2>&1
 # GPU tests: the kernels' one-off config timing is off here (PDQUANT_TRITON_TUNE=0) to save time;
 # spread over worker processes where pytest-xdist is installed (the Triton compiles are CPU-bound)
+# (-v: with workers, a line per test as it ends, so a run cut off by its limit still says which
+# passed); a per-test limit where pytest-timeout is installed, so one hang cannot eat the stage
 XDIST=()
-$PY -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_TEST_WORKERS:-8}")
-PDQUANT_TRITON_TUNE=0 stage gpu-tests ${GPU_TESTS_S:-120} $PY -m pytest -m gpu -q -rs \
-  --tb=short --durations=15 "${XDIST[@]}" -p no:cacheprovider tests/ --maxfail=25 \
-  --junitxml="$OUT/pytest_gpu.txt" -o junit_family=xunit2
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_TEST_WORKERS:-12}")
+$PY -c "import pytest_timeout" 2>/dev/null && XDIST+=(--timeout "${GPU_TEST_TIMEOUT:-60}")
+PDQUANT_TRITON_TUNE=0 stage gpu-tests ${GPU_TESTS_S:-120} $PY -m pytest -m gpu -v -rfEs \
+  --tb=short --durations=15 "${XDIST[@]}" -p no:cacheprovider ${GPU_TEST_PATHS:-tests/} \
+  --maxfail=25 --junitxml="$OUT/pytest_gpu.txt" -o junit_family=xunit2
 stage calib-kernels ${CALIB_BENCH_S:-80} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
 stage deploy-kernels ${DEPLOY_BENCH_S:-70} $PY benchmarks/bench_deploy_gpu.py --sweep \
-  --max-s "${SECTION_MAX_S:-45}" --out "$OUT"
+  --sections "${DEPLOY_SECTIONS:-wa16,qmm,conv}" --max-s "${SECTION_MAX_S:-45}" --out "$OUT"
 stage calib-step ${STEP_BENCH_S:-50} $PY benchmarks/bench_calib_step.py --device cuda --iters 30 \
   --out "$OUT"
 stage packed-latency ${LATENCY_S:-60} $PY benchmarks/bench_packed_latency.py --device cuda \
