@@ -10,6 +10,10 @@ seed into the same mask, so the runs differ only by floating-point rounding in r
 the sigmoid).
 
     PDQUANT_SHARED_DATA=../shared/data python benchmarks/bench_calibration.py --iters 100
+    python benchmarks/bench_calibration.py --device cuda --backends reference,auto,triton
+
+On a GPU (``--device cuda``) the model, images and unit caches live there; ``auto`` picks the
+CUDA kernels where the extension has them, ``triton`` forces the Triton ones.
 
 Rows go to ``<out>/calibration.jsonl``.
 """
@@ -50,17 +54,27 @@ def main(argv=None) -> int:
     p.add_argument(
         "--backends",
         default="reference,auto",
-        help="runs, comma-separated, each BACKEND[:PD_TAIL_DTYPE] (reference|cpp|auto, "
+        help="runs, comma-separated, each BACKEND[:PD_TAIL_DTYPE] (reference|cpp|cuda|triton|auto, "
         "float32|bfloat16; default float32), e.g. reference,auto,auto:bfloat16",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the model, images and calibration live (cuda: the GPU kernels)",
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, train, test = resnet20_cifar(args.data, "train", "test")
-    xc = torch.stack([train[i][0] for i in range(args.calib)])
-    xt = torch.stack([test[i][0] for i in range(1000)])
-    yt = torch.tensor([test[i][1] for i in range(1000)])
+    model = model.to(dev)
+    xc = torch.stack([train[i][0] for i in range(args.calib)]).to(dev)
+    xt = torch.stack([test[i][0] for i in range(1000)]).to(dev)
+    yt = torch.tensor([test[i][1] for i in range(1000)]).to(dev)
     rows, preds = [], {}
     base = None
     for run in args.backends.split(","):
@@ -68,7 +82,9 @@ def main(argv=None) -> int:
         tail = tail or "float32"
         ops.force(None if backend == "auto" else backend)
         try:
-            used = ops.choose("fake_quant_act", "cpu", args.a_bits)[0]
+            used = ops.choose("fake_quant_act", args.device, args.a_bits)[0]
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             q, rep = quantize(
                 model,
@@ -84,6 +100,8 @@ def main(argv=None) -> int:
                 log=None,
                 progress=False,
             )
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             wall = time.perf_counter() - t0
             acc = evaluate(q, xt, yt)
         finally:
@@ -118,6 +136,7 @@ def main(argv=None) -> int:
     record(
         "calibration",
         rows,
+        device=args.device,
         out_dir=args.out,
         columns=[
             "model",

@@ -4,14 +4,17 @@
 # bash benchmarks/gpu_check.sh [OUT_DIR] (default benchmarks/results/gpu). Everything lands in
 # OUT_DIR as at most 8 small files:
 #   gpu_check.log (all output), env.txt (nvidia-smi, versions, pdquant info), pytest_gpu.txt,
-#   calib_kernels_gpu.jsonl, calib_step.jsonl, deploy_gpu.jsonl, packed_latency.jsonl.
+#   calib_step.jsonl, calibration.jsonl, packed_latency.jsonl, deploy_gpu.jsonl,
+#   calib_kernels_gpu.jsonl.
 # Each stage has its own time limit and a failed stage does not stop the next one; the exit code
-# is the number of failed stages. STAGES="build gpu-tests ..." runs only the stages named (a
-# rerun after a fix); GPU_TEST_PATHS narrows the tests, DEPLOY_SECTIONS the deploy benchmark.
-# The GPU engine test needs the shared data: point PDQUANT_SHARED_DATA at a carried copy. Budget: under 10 minutes at most, typically far less
-# (per-stage limits below, overridable: BUILD_S, GPU_TESTS_S, CALIB_BENCH_S, DEPLOY_BENCH_S,
-# STEP_BENCH_S, LATENCY_S). tests/test_gpu_check_script.py checks on any machine that every
-# command and flag used here exists.
+# is the number of failed stages. Budget: under 10 minutes at most, typically far less (per-stage
+# limits below, overridable: BUILD_S, GPU_TESTS_S, STEP_BENCH_S, CALIB_RUN_S, LATENCY_S,
+# DEPLOY_BENCH_S, CALIB_BENCH_S); stages run in order of importance, so a run cut short keeps the
+# most useful results. STAGES="build gpu-tests ..." runs only the stages named (a rerun after a
+# fix); GPU_TEST_PATHS narrows the tests, DEPLOY_SECTIONS the deploy benchmark. The GPU engine
+# test and the whole-calibration stage need the shared data: point PDQUANT_SHARED_DATA at a
+# carried copy. tests/test_gpu_check_script.py checks on any machine that every command and flag
+# used here exists.
 set -u -o pipefail
 OUT=${1:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -42,7 +45,7 @@ PY=${PYTHON:-python3}
 cat "$OUT/env.txt" | tee -a "$LOG"
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-stage build ${BUILD_S:-170} $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+stage build ${BUILD_S:-150} $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 if [ "$FAILED" -gt 0 ]; then  # the Triton kernels and the references still run without CUDA
   PDQUANT_BUILD_CUDA=0 stage build-without-cuda 120 $PY -m pip install --no-build-isolation \
     --no-deps --no-index -e .
@@ -58,12 +61,16 @@ $PY -c "import pytest_timeout" 2>/dev/null && XDIST+=(--timeout "${GPU_TEST_TIME
 PDQUANT_TRITON_TUNE=0 stage gpu-tests ${GPU_TESTS_S:-120} $PY -m pytest -m gpu -v -rfEs \
   --tb=short --durations=15 "${XDIST[@]}" -p no:cacheprovider ${GPU_TEST_PATHS:-tests/} \
   --maxfail=25 --junitxml="$OUT/pytest_gpu.txt" -o junit_family=xunit2
-stage calib-kernels ${CALIB_BENCH_S:-80} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
+stage calib-step ${STEP_BENCH_S:-40} $PY benchmarks/bench_calib_step.py --device cuda --iters 30 \
+  --out "$OUT"
+# a whole calibration (ResNet-20 W2A4 PD-Quant, real weights and images: needs the shared data)
+stage calibration ${CALIB_RUN_S:-60} $PY benchmarks/bench_calibration.py --device cuda \
+  --data "${PDQUANT_SHARED_DATA:-../shared/data}" --iters 100 --backends reference,auto,triton \
+  --out "$OUT"
+stage packed-latency ${LATENCY_S:-45} $PY benchmarks/bench_packed_latency.py --device cuda \
+  --models cifar_resnet20 --formats w4a4 --batch 1 32 256 --repeat 5 --out "$OUT"
 stage deploy-kernels ${DEPLOY_BENCH_S:-70} $PY benchmarks/bench_deploy_gpu.py --sweep \
   --sections "${DEPLOY_SECTIONS:-wa16,qmm,conv}" --max-s "${SECTION_MAX_S:-45}" --out "$OUT"
-stage calib-step ${STEP_BENCH_S:-50} $PY benchmarks/bench_calib_step.py --device cuda --iters 30 \
-  --out "$OUT"
-stage packed-latency ${LATENCY_S:-60} $PY benchmarks/bench_packed_latency.py --device cuda \
-  --models cifar_resnet20 --formats w4a4 --batch 1 32 256 --repeat 5 --out "$OUT"
+stage calib-kernels ${CALIB_BENCH_S:-60} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
 echo "=== failed stages: $FAILED" | tee -a "$LOG"
 exit "$FAILED"
