@@ -297,7 +297,9 @@ class Calibrator:
             cfg.head_input_a_bits,
             input_a_bits=cfg.input_a_bits,
         )
-        self.q = build_quant_model(self.fp, self.units, settings)
+        # the quantizers' own tensors (steps, zero points, AdaRound beta) are made on the CPU:
+        # the quantized model goes to the device of the model and images
+        self.q = build_quant_model(self.fp, self.units, settings).to(self.calib.device)
         self.q.requires_grad_(False)
         self.q_exec = UnitExecutor(self.q, shape)
         self.gen = torch.Generator().manual_seed(cfg.seed)
