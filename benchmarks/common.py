@@ -147,6 +147,12 @@ def device_name(device: str = "cpu") -> str:
 
 @cache
 def git_sha() -> str:
+    """Short SHA of HEAD (``-dirty`` if tracked code differs), or ``$PDQUANT_GIT_SHA`` where
+    set: a copy of the tree on another machine (the lent GPU) can carry stale git metadata, so
+    the caller names the commit it sent."""
+    given = os.environ.get("PDQUANT_GIT_SHA", "").strip()
+    if given:
+        return given
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

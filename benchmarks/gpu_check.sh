@@ -13,8 +13,9 @@
 # most useful results. STAGES="build gpu-tests ..." runs only the stages named (a rerun after a
 # fix); GPU_TEST_PATHS narrows the tests, DEPLOY_SECTIONS the deploy benchmark. The GPU engine
 # test and the whole-calibration stage need the shared data: point PDQUANT_SHARED_DATA at a
-# carried copy. tests/test_gpu_check_script.py checks on any machine that every command and flag
-# used here exists.
+# carried copy. Pass PDQUANT_GIT_SHA=<the commit sent> too: the copy's git metadata can be
+# stale, and every row records the SHA. tests/test_gpu_check_script.py checks on any machine
+# that every command and flag used here exists.
 set -u -o pipefail
 OUT=${1:-benchmarks/results/gpu}
 mkdir -p "$OUT"
