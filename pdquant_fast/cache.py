@@ -175,16 +175,16 @@ class UnitCache:
             return torch.empty(shape, dtype=dtype, device=self.device)
         if self.mode == "host":
             pin = self.device.type == "cuda"
-            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+            return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
         return self._disk_empty(shape, dtype)
 
     def _disk_empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = 1
         for s in shape:
             numel *= int(s)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * torch.empty((), dtype=dtype, device="cpu").element_size()
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype, device="cpu")
         fd, path = tempfile.mkstemp(dir=self.folder, prefix=".pdq-cache-", suffix=".f32")
         try:
             os.unlink(path)  # the mapping keeps the inode; nothing is left after the process

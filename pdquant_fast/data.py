@@ -743,7 +743,7 @@ def take_subset(
         what = f"items {offset}..{offset + n - 1}"
     else:
         gen = torch.Generator().manual_seed(int(seed))
-        indices = torch.randperm(total, generator=gen)[offset : offset + n].tolist()
+        indices = torch.randperm(total, generator=gen, device="cpu")[offset : offset + n].tolist()
         what = f"{n} items drawn with seed {seed}"
     return SubsetSource(dataset, indices, what)
 

@@ -33,7 +33,14 @@ import torch
 from torch import fx, nn
 
 from . import ops
-from .cache import UnitCache, batched_into, check_cache_mode, choose_mode, estimate_peak_bytes
+from .cache import (
+    Staged,
+    UnitCache,
+    batched_into,
+    check_cache_mode,
+    choose_mode,
+    estimate_peak_bytes,
+)
 from .checkpoint import Checkpointer, fingerprint
 from .config import CalibConfig
 from .graph import UnitExecutor, UnitSpec, build_unit_model
@@ -297,9 +304,10 @@ class Calibrator:
             cfg.head_input_a_bits,
             input_a_bits=cfg.input_a_bits,
         )
-        # the quantizers' own tensors (steps, zero points, AdaRound beta) are made on the CPU:
-        # the quantized model goes to the device of the model and images
-        self.q = build_quant_model(self.fp, self.units, settings).to(self.calib.device)
+        # the quantizers' own tensors (steps, zero points, AdaRound beta) are made on the device
+        # of the model and images
+        with torch.device(self.calib.device):
+            self.q = build_quant_model(self.fp, self.units, settings).to(self.calib.device)
         self.q.requires_grad_(False)
         self.q_exec = UnitExecutor(self.q, shape)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -575,8 +583,8 @@ class Calibrator:
         batch-sized draw, and the run stays reproducible and resumable from the engine
         generator's state alone."""
         if device.type == "cpu":
-            return torch.rand(shape, generator=self.gen)
-        seed = int(torch.randint(0, 2**62, (), generator=self.gen))
+            return torch.rand(shape, generator=self.gen, device="cpu")
+        seed = int(torch.randint(0, 2**62, (), generator=self.gen, device="cpu"))
         g = self._device_gens.get(device)
         if g is None:
             g = self._device_gens[device] = torch.Generator(device=device)
@@ -630,7 +638,7 @@ class Calibrator:
                         beta = beta_of(it)
                         for ql in layers:
                             ql.wq.beta.fill_(beta)
-                    at = _Batch(torch.randint(0, n, (bs,), generator=self.gen), dev)
+                    at = _Batch(torch.randint(0, n, (bs,), generator=self.gen, device="cpu"), dev)
                     xq = at(x_q)
                     if cfg.qdrop:
                         u = self._uniform(xq.shape, dev)
@@ -707,14 +715,17 @@ class Calibrator:
 
 
 class _Batch:
-    """Rows ``idx`` (drawn on the CPU) of tensors that may live on the host or on ``dev``,
-    returned on ``dev``. The index goes to each tensor's device once, without a host sync
-    (``non_blocking``); rows already on ``dev`` are not copied."""
+    """Rows ``idx`` (drawn on the CPU) of the engine's cached tensors, returned on ``dev``. A
+    tensor on ``dev`` gets the index sent there once, without a host sync (``non_blocking``); a
+    :class:`~pdquant_fast.cache.Staged` host/disk cache is indexed on the host and the rows are
+    copied to ``dev``."""
 
     def __init__(self, idx: torch.Tensor, dev: torch.device):
         self.idx, self.dev, self.on = idx, dev, {idx.device: idx}
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor | Staged) -> torch.Tensor:
+        if isinstance(t, Staged):  # host or disk cache: indexed on the host, copied to dev
+            return t[self.idx]
         i = self.on.get(t.device)
         if i is None:
             i = self.on[t.device] = self.idx.to(t.device, non_blocking=True)

@@ -421,7 +421,7 @@ class ActQuantizer(nn.Module):
             if self.seed_counter is not None:
                 seed = self.seed_counter.add_(1).clone()
             else:
-                s = int(torch.randint(0, 2**62, (), generator=self.generator))
+                s = int(torch.randint(0, 2**62, (), generator=self.generator, device="cpu"))
                 # a fill kernel on x's device, not a copy from host memory (which would make the
                 # host wait for the GPU)
                 seed = torch.full((), s, dtype=torch.int64, device=x.device)

@@ -76,3 +76,59 @@ def test_fast_kernels_match_reference_calibration(setup):
     agree = int((a_ref["pred"] == a_fast["pred"]).sum())
     assert agree >= 0.85 * len(yt), f"only {agree}/{len(yt)} predictions agree"
     assert abs(a_ref["top1"] - a_fast["top1"]) <= 4.0
+
+
+# ---------------------------------------------------------------------------------------------
+# device placement: what a GPU run needs, checked on the CPU
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("pdquant", {}),
+        ("pdquant", {"pd_tail_dtype": "bfloat16", "input_a_bits": 8}),
+        ("adaround", {}),
+        ("rtn", {}),
+        ("pdquant", {"cache": "host"}),
+        ("pdquant", {"cache": "disk"}),
+    ],
+    ids=["pdquant", "pdquant-bf16tail-in8", "adaround-layer", "rtn", "host-cache", "disk-cache"],
+)
+def test_calibration_creates_no_tensor_on_the_default_device(method, extra, tmp_path):
+    """Every tensor the engine makes must be put on the images' device (or on the CPU, on
+    purpose, for the seeded draws). With the default device set to ``meta``, a factory call that
+    names no device makes a meta tensor, and the first op mixing it with the CPU images fails:
+    this finds on the CPU the bugs that a GPU run hits as 'Expected all tensors to be on the same
+    device' (the first H200 calibrations failed on three of them). The result must be identical
+    to the same run with the ordinary default device."""
+    from pdquant_fast.api import quantize
+
+    torch.manual_seed(0)
+    model, _ = build_model("cifar_resnet8")
+    x = torch.randn(8, 3, 32, 32)
+    kw = dict(iters=2, dc_iters=1, batch_size=4, log=None, progress=False, **extra)
+    if extra.get("cache") == "disk":
+        kw["cache_dir"] = str(tmp_path)
+    q_ref, _ = quantize(model, x, method, 2, 4, **kw)
+    with torch.device("meta"):
+        q, _ = quantize(model, x, method, 2, 4, **kw)
+        y = q(x)
+    assert y.device.type == "cpu"
+    assert torch.equal(y, q_ref(x))
+
+
+def test_checkpoint_and_resume_create_no_tensor_on_the_default_device(tmp_path):
+    """The same check through a checkpointed run and a resume from its folder (which restores
+    every unit from the saved state instead of reconstructing it)."""
+    from pdquant_fast.api import quantize
+
+    torch.manual_seed(0)
+    model, _ = build_model("cifar_resnet8")
+    x = torch.randn(8, 3, 32, 32)
+    kw = dict(iters=2, dc_iters=1, batch_size=4, log=None, progress=False)
+    q_ref, _ = quantize(model, x, "pdquant", 2, 4, **kw)
+    with torch.device("meta"):
+        q1, _ = quantize(model, x, "pdquant", 2, 4, checkpoint_dir=tmp_path / "ck", **kw)
+        q2, _ = quantize(model, x, "pdquant", 2, 4, resume=tmp_path / "ck", **kw)
+        y1, y2 = q1(x), q2(x)
+    assert torch.equal(y1, q_ref(x)) and torch.equal(y2, y1)
