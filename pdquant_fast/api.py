@@ -42,7 +42,7 @@ def collect_images(calib, limit: int | None = None) -> torch.Tensor:
                     f"calibration item {i} is a {type(img).__name__}, not an image tensor"
                 )
             if x is None:
-                x = torch.empty((n, *img.shape), dtype=img.dtype)
+                x = torch.empty((n, *img.shape), dtype=img.dtype, device=img.device)
             elif img.shape != x.shape[1:]:
                 raise ValueError(
                     f"calibration image {i} has shape {tuple(img.shape)} but image 0 has "
@@ -90,7 +90,9 @@ def quantize(
     Args:
         model: an ``nn.Module`` classifier (not modified).
         calib: calibration images: float32 ``[N, C, H, W]`` tensor, Dataset or DataLoader,
-            preprocessed as the model expects.
+            preprocessed as the model expects. The calibration runs where the model and images
+            are: on a GPU, put the model there (``model.cuda()``); images from a Dataset or
+            DataLoader follow it, a tensor must be on the model's device already.
         method: ``rtn`` | ``adaround`` | ``brecq`` | ``qdrop`` | ``pdquant``.
         w_bits, a_bits: 2, 3, 4 or 8.
         preset: ``resnet`` | ``regnet`` | ``mobilenet`` | ``mnasnet`` hyper-parameters (spec §4).
@@ -118,9 +120,16 @@ def quantize(
                 "a resumed run keeps checkpointing into the folder it resumes from"
             )
         checkpoint_dir = resume
+    images = collect_images(calib)
+    if not isinstance(calib, torch.Tensor):
+        # images gathered from a Dataset/DataLoader go where the model is (a tensor the caller
+        # passed is taken as it is: the engine names a device mismatch)
+        devs = {t.device for t in model.parameters()}
+        if len(devs) == 1:
+            images = images.to(devs.pop())
     cal = Calibrator(
         model,
-        collect_images(calib),  # not kept here, so that a disk cache can drop it
+        images,  # not kept here, so that a disk cache can drop it
         cfg,
         log=log,
         progress=progress,

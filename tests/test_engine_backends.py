@@ -132,3 +132,28 @@ def test_checkpoint_and_resume_create_no_tensor_on_the_default_device(tmp_path):
         q2, _ = quantize(model, x, "pdquant", 2, 4, resume=tmp_path / "ck", **kw)
         y1, y2 = q1(x), q2(x)
     assert torch.equal(y1, q_ref(x)) and torch.equal(y2, y1)
+
+
+def test_dataset_images_follow_the_model_device(monkeypatch):
+    """Images gathered from a Dataset/DataLoader go to the model's device; a tensor is passed
+    on as it is (the engine names a mismatch). ``meta`` stands in for a GPU here."""
+    import pdquant_fast.api as api
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(self, model, calib, cfg, **kw):
+        seen["device"] = calib.device
+        raise Stop
+
+    monkeypatch.setattr(api.Calibrator, "__init__", fake_init)
+    model = build_model("cifar_resnet8")[0].to("meta")
+    images = [torch.randn(3, 32, 32) for _ in range(4)]
+    with pytest.raises(Stop):
+        api.quantize(model, images, "rtn", 4, 4, log=None, progress=False)
+    assert seen["device"].type == "meta"
+    with pytest.raises(Stop):
+        api.quantize(model, torch.stack(images), "rtn", 4, 4, log=None, progress=False)
+    assert seen["device"].type == "cpu"
