@@ -191,21 +191,24 @@ def load_quant_state(q: nn.Module, state: dict) -> nn.Module:
     missing = [k for k in list(state["layers"]) + list(state["acts"]) if k not in mods]
     if missing:
         raise ValueError(f"quantizer state does not match the model: unknown modules {missing[:4]}")
+    # a state read with map_location="cpu" (files, checkpoints) goes to where each module is
     for name, st in state["layers"].items():
         m = mods[name]
+        dev = m.org_weight.device
         m.wq.bits = st["bits"]
-        m.wq.delta = st["delta"].clone()
-        m.wq.zp = st["zp"].clone()
+        m.wq.delta = st["delta"].to(dev, copy=True)
+        m.wq.zp = st["zp"].to(dev, copy=True)
         if st["mode"] == "hard":
-            up = st["round_up"].float()
+            up = st["round_up"].to(dev).float()
             m.wq.alpha = nn.Parameter(up * 2 - 1, requires_grad=False)  # sign encodes rounding
         m.wq.mode = st["mode"]
         m.weight_quant = True
     for name, st in state["acts"].items():
         a = mods[name]
+        dev = a.delta.device
         a.bits = st["bits"]
-        a.delta.data = st["delta"].clone()
-        a.zp = st["zp"].clone()
+        a.delta.data = st["delta"].to(dev, copy=True)
+        a.zp = st["zp"].to(dev, copy=True)
         a.initialised = st["initialised"]
         a.enabled = st["enabled"]
         a.signed = st["signed"]

@@ -116,6 +116,8 @@ def cmd_calibrate(args) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a random initialisation (no --weights) is the same every run
         model, info = build_model(args.model, args.weights)
+    dev = _device(args)
+    model = model.to(dev)
     _default_sources(info.name, args)
     overrides = _parse_set(args.set)
     for key in ("iters", "seed", "dc_iters", "batch_size"):
@@ -138,7 +140,7 @@ def cmd_calibrate(args) -> int:
         f"{src.source}, {cfg.iters} iterations/unit, seed {cfg.seed}",
         flush=True,
     )
-    x = collect_images(calib_ds)
+    x = collect_images(calib_ds).to(dev)
     evals = []
     for spec in args.eval_data or []:
         es = _open(spec, info.preprocess, args.eval_split or "test")
@@ -170,6 +172,7 @@ def cmd_calibrate(args) -> int:
     preds = {}
     for spec, es in evals:
         xe, ye = stack_dataset(es)
+        xe, ye = xe.to(dev), ye.to(dev)
         fp = evaluate(model, xe, ye)
         qq = evaluate(q, xe, ye)
         results[spec] = {
@@ -214,6 +217,7 @@ def cmd_calibrate(args) -> int:
         "units": [u.__dict__ for u in report.units],
         "versions": collect_info(),
         "threads": torch.get_num_threads(),
+        "device": str(dev),
         "cache_mode": report.cache_mode,
         "resumed": resume,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -240,6 +244,26 @@ def _check_run_options(args) -> None:
         )
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be a positive integer, got {args.threads}")
+    _device(args)
+
+
+def _device(args) -> torch.device:
+    """``--device``: ``cpu`` or ``cuda[:N]``, checked before anything is loaded."""
+    spec = getattr(args, "device", None) or "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise CliError(f"--device {spec!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {spec!r}: calibration runs on cpu or cuda[:N]")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {spec}: no CUDA device is available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CliError(
+                f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
 
 
 def _apply_resume(args) -> bool:
@@ -383,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--preset", help="resnet|regnet|mobilenet|mnasnet (default: per model)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field")
     c.add_argument("--threads", type=int)
+    c.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model, images and calibration run: cpu (default) | cuda | cuda:N",
+    )
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--out", help="output folder (required; checkpoints go to OUT/checkpoint)")
     c.add_argument(

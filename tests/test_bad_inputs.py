@@ -218,6 +218,24 @@ def test_cli_threads_not_positive(tmp_path, few, capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("gpu0", "--device 'gpu0' is not a device: use cpu, cuda or cuda:N"),
+        ("meta", "--device 'meta': calibration runs on cpu or cuda[:N]"),
+        pytest.param(
+            "cuda",
+            "--device cuda: no CUDA device is available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
+        ("cuda:99", "--device cuda:99"),
+    ],
+)
+def test_cli_bad_device(tmp_path, few, capsys, spec, needle):
+    """Checked before the model or the images are loaded; nothing is written."""
+    _cli_error(_calib(tmp_path, "--device", spec, data=few), capsys, needle, out=tmp_path / "o")
+
+
 def test_cli_missing_model(tmp_path, few, capsys):
     _cli_error(
         ["calibrate", "--data", few, "--out", tmp_path / "o"],

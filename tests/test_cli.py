@@ -74,6 +74,7 @@ def test_calibrate_writes_result_json_with_required_fields(tmp_path, capsys):
     ):
         assert key in r, key
     assert r["method"] == "qdrop" and r["iters"] == 2 and r["seed"] == 3
+    assert r["device"] == "cpu"  # --device's default
     assert r["config"]["keep_prob"] == 0.5 and r["versions"]["torch"]
     assert len(r["units"]) == 5  # ResNet-8: stem, 3 blocks, classifier
     assert "top-1" in stdout
