@@ -46,7 +46,7 @@ PY=${PYTHON:-python3}
 cat "$OUT/env.txt" | tee -a "$LOG"
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-stage build ${BUILD_S:-150} $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+stage build ${BUILD_S:-130} $PY -m pip install --no-build-isolation --no-deps --no-index -e .
 if [ "$FAILED" -gt 0 ]; then  # the Triton kernels and the references still run without CUDA
   PDQUANT_BUILD_CUDA=0 stage build-without-cuda 120 $PY -m pip install --no-build-isolation \
     --no-deps --no-index -e .
@@ -68,10 +68,14 @@ stage calib-step ${STEP_BENCH_S:-40} $PY benchmarks/bench_calib_step.py --device
 stage calibration ${CALIB_RUN_S:-60} $PY benchmarks/bench_calibration.py --device cuda \
   --data "${PDQUANT_SHARED_DATA:-../shared/data}" --iters 100 --backends reference,auto,triton \
   --out "$OUT"
-stage packed-latency ${LATENCY_S:-45} $PY benchmarks/bench_packed_latency.py --device cuda \
-  --models cifar_resnet20 --formats w4a4 --batch 1 32 256 --repeat 5 --out "$OUT"
-stage deploy-kernels ${DEPLOY_BENCH_S:-70} $PY benchmarks/bench_deploy_gpu.py --sweep \
+# both activation layouts: the conv benchmark's NCHW input costs a layout conversion per call
+for MF in contiguous channels_last; do
+  stage packed-latency ${LATENCY_S:-45} $PY benchmarks/bench_packed_latency.py --device cuda \
+    --models cifar_resnet20 --formats w4a4 --batch 1 32 256 --repeat 5 --memory-format "$MF" \
+    --out "$OUT"
+done
+stage deploy-kernels ${DEPLOY_BENCH_S:-60} $PY benchmarks/bench_deploy_gpu.py --sweep \
   --sections "${DEPLOY_SECTIONS:-wa16,qmm,conv}" --max-s "${SECTION_MAX_S:-45}" --out "$OUT"
-stage calib-kernels ${CALIB_BENCH_S:-60} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
+stage calib-kernels ${CALIB_BENCH_S:-45} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
 echo "=== failed stages: $FAILED" | tee -a "$LOG"
 exit "$FAILED"

@@ -529,6 +529,9 @@ def test_packed_model_cuda_parity(small, monkeypatch):
     rep = compare(copy.deepcopy(q).cuda(), gpu, x.cuda())
     assert rep.acc_all_equal and rep.teacher_logits_equal
     assert rep.summary()["flip_max_tie_dist"] < TIE_TOL
+    # channels-last activations on the GPU: the same logits as NCHW
+    gpu_cl = load_packed(out, device="cuda", memory_format="channels_last")
+    assert torch.equal(gpu_cl(x.cuda()), gpu(x.cuda()))
 
 
 # --------------------------------------------------------------------------- real models

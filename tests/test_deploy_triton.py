@@ -382,3 +382,45 @@ def test_qconv2d_through_the_op_with_triton_forced():
         backends.force(None)
     assert torch.equal(y.cpu(), qconv2d_reference(*args))
     assert torch.equal(yl.cpu(), qlinear_reference(*q_inputs(4, 8, 32, torch.int8, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole packed model on the Triton kernels
+
+
+def test_packed_model_on_triton_in_both_layouts(tmp_path, monkeypatch):
+    """A packed ResNet-8 (W4A4 with an 8-bit integer stem, downsampling blocks, residuals,
+    pooling; the classifier stays float, as its input is not quantized) run as on a GPU: the
+    convolutions on the Triton kernels, every other packed op on the
+    reference (the GPU has no other kernels for them). Bit-identical logits to the all-reference
+    run, with NCHW and with channels-last activations (the layout the GPU check now also
+    times)."""
+    from pdquant_fast.deploy import export_packed, load_packed
+    from pdquant_fast.deploy.parity import quick_quantize
+    from pdquant_fast.models.registry import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model("cifar_resnet8")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    q = quick_quantize(model.eval(), x, 4, 4, input_a_bits=8)
+    export_packed(q, tmp_path / "p", fp_model=model, model_info={"input_size": [3, 32, 32]})
+    backends.force("reference")
+    try:
+        ref = load_packed(tmp_path / "p", memory_format="contiguous")(x)
+    finally:
+        backends.force(None)
+    chosen = set()
+
+    def gpu_like_choice(op, device_type, bits=None):
+        backend = "triton" if op == "qconv2d" else "reference"
+        fn, why = backends.candidate(op, backend, device_type, bits)
+        assert fn is not None, why
+        chosen.add((op, backend))
+        return backend, fn
+
+    monkeypatch.setattr(backends, "choose", gpu_like_choice)
+    for fmt in ("contiguous", "channels_last"):
+        pm = load_packed(tmp_path / "p", device=DEVICE, memory_format=fmt)
+        got = pm(x.to(DEVICE))
+        assert torch.equal(got.cpu(), ref), fmt
+    assert ("qconv2d", "triton") in chosen
