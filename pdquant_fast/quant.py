@@ -327,12 +327,14 @@ class WeightQuantizer(nn.Module):
         delta = self._per_channel(self.delta)
         zp = self._per_channel(self.zp)
         if self.mode == "nearest":
-            return ops.fake_quant_act(w.contiguous(), delta, zp, self.bits, 0, 1.0, None, None)
+            return ops.fake_quant_act_eager(
+                w.contiguous(), delta, zp, self.bits, 0, 1.0, None, None
+            )
         if self.mode == "soft":
             w_floor = self.w_floor
             if w_floor is None or w_floor.shape != w.shape:
                 w_floor = torch.floor(w / self.delta).contiguous()
-            w_q, self.last_reg = ops.adaround_soft(
+            w_q, self.last_reg = ops.adaround_soft_eager(
                 w_floor, self.alpha, delta, zp, self.bits, self.beta
             )
             return w_q
@@ -425,7 +427,7 @@ class ActQuantizer(nn.Module):
                 # a fill kernel on x's device, not a copy from host memory (which would make the
                 # host wait for the GPU)
                 seed = torch.full((), s, dtype=torch.int64, device=x.device)
-        return ops.fake_quant_act(
+        return ops.fake_quant_act_eager(
             x.contiguous(), self.delta, self.zp, self.bits, -1, self.keep_prob, seed, None
         )
 

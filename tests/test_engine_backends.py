@@ -157,3 +157,20 @@ def test_dataset_images_follow_the_model_device(monkeypatch):
     with pytest.raises(Stop):
         api.quantize(model, torch.stack(images), "rtn", 4, 4, log=None, progress=False)
     assert seen["device"].type == "cpu"
+
+
+def test_calibration_through_the_eager_fast_path_equals_the_op_path(monkeypatch):
+    """The quantizer modules call the ops' eager fast path; a calibration through the
+    ``torch.library`` ops instead gives the same quantized model bit for bit."""
+    from pdquant_fast import ops
+    from pdquant_fast.api import quantize
+
+    torch.manual_seed(0)
+    model, _ = build_model("cifar_resnet8")
+    x = torch.randn(8, 3, 32, 32)
+    kw = dict(iters=3, dc_iters=1, batch_size=4, log=None, progress=False)
+    q_fast, _ = quantize(model, x, "pdquant", 2, 4, **kw)
+    monkeypatch.setattr(ops, "fake_quant_act_eager", ops.fake_quant_act)
+    monkeypatch.setattr(ops, "adaround_soft_eager", ops.adaround_soft)
+    q_op, _ = quantize(model, x, "pdquant", 2, 4, **kw)
+    assert torch.equal(q_fast(x), q_op(x))

@@ -278,3 +278,106 @@ def test_weight_quantizer_int_roundtrip_all_bits():
         q = wq.int_weight(w)
         assert q.min() >= 0 and q.max() <= 2**bits - 1
         assert torch.equal((q - wq.zp) * wq.delta, wq(w))
+
+
+# ---------------------------------------------------------------------------------------------
+# the eager fast path of the differentiable ops (what the quantizer modules call)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("case", ["tensor-seed", "tensor-mask", "channel", "tensor-nodrop"])
+def test_eager_fast_path_is_the_op_bit_for_bit(backend, case):
+    """``ops.fake_quant_act_eager`` / ``ops.adaround_soft_eager`` (a plain autograd.Function
+    around the same chosen kernels) give the ``torch.library`` op's outputs and gradients bit for
+    bit, on each CPU backend."""
+    from pdquant_fast import ops
+    from pdquant_fast.ops import backends
+
+    fn, why = backends.candidate("fake_quant_act", backend, "cpu", 4)
+    if fn is None:
+        pytest.skip(why)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 6, 5, 5, generator=gen) * 3
+    g = torch.randn(x0.shape, generator=gen)
+    if case == "channel":
+        delta, zp, axis = torch.rand(6, generator=gen) * 0.5 + 0.1, torch.full((6,), 7.0), 1
+    else:
+        delta, zp, axis = torch.tensor(0.3), torch.tensor(7.0), -1
+    kp, seed, mask = 1.0, None, None
+    if case == "tensor-seed":
+        kp, seed = 0.5, torch.tensor(12345)
+    elif case == "tensor-mask":
+        kp, mask = 0.5, torch.rand(x0.shape, generator=gen) < 0.5
+    ops.force(backend)
+    try:
+        got = []
+        for f in (ops.fake_quant_act, ops.fake_quant_act_eager):
+            x, d = x0.clone().requires_grad_(), delta.clone().requires_grad_()
+            y = f(x, d, zp, 4, axis, kp, seed, mask)
+            gx, gd = torch.autograd.grad(y, (x, d), g)
+            got.append((y, gx, gd))
+        for a, b in zip(*got, strict=True):
+            assert torch.equal(a, b)
+        w_floor = torch.floor(torch.randn(8, 6, 3, 3, generator=gen) * 4)
+        alpha0 = torch.randn(w_floor.shape, generator=gen) * 3
+        wd, wz, beta = torch.rand(8, generator=gen) + 0.05, torch.full((8,), 7.0), torch.tensor(4.0)
+        gw = torch.randn(w_floor.shape, generator=gen)
+        got = []
+        for f in (ops.adaround_soft, ops.adaround_soft_eager):
+            alpha = alpha0.clone().requires_grad_()
+            w_q, reg = f(w_floor, alpha, wd, wz, 4, beta)
+            (ga,) = torch.autograd.grad((w_q * gw).sum() + 0.37 * reg, (alpha,))
+            (ga_reg,) = torch.autograd.grad(f(w_floor, alpha, wd, wz, 4, beta)[1], (alpha,))
+            got.append((w_q, reg, ga, ga_reg))
+        for a, b in zip(*got, strict=True):
+            assert torch.equal(a, b)
+    finally:
+        ops.force(None)
+
+
+def test_eager_fast_path_checks_inputs_like_the_op():
+    from pdquant_fast import ops
+    from pdquant_fast.ops import OpInputError
+
+    x = torch.randn(3, 4)
+    with pytest.raises(OpInputError, match=r"must be finite and > 0"):
+        ops.fake_quant_act_eager(x, torch.tensor(0.0), torch.tensor(0.0), 4, -1, 1.0, None, None)
+    with pytest.raises(OpInputError, match=r"x must be torch.float32"):
+        ops.fake_quant_act_eager(
+            x.double(), torch.tensor(0.1), torch.tensor(0.0), 4, -1, 1.0, None, None
+        )
+    with pytest.raises(OpInputError, match=r"keep_prob must be in \(0, 1\]"):
+        ops.fake_quant_act_eager(x, torch.tensor(0.1), torch.tensor(0.0), 4, -1, 0.0, None, None)
+    with pytest.raises(OpInputError, match=r"bits must be one of"):
+        ops.adaround_soft_eager(x, x, torch.ones(3), torch.zeros(3), 9, torch.tensor(2.0))
+
+
+def test_quantizers_trace_under_torch_compile():
+    """Under ``torch.compile`` the quantizer modules go through the ``torch.library`` ops (the
+    eager fast path steps aside): a QDrop activation quantizer and a soft AdaRound weight,
+    forward and backward, give the eager values (backend ``aot_eager``: Dynamo tracing and
+    AOTAutograd without Inductor's C++ build)."""
+    x0 = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    a = ActQuantizer(4, "a")
+    a.init_from(x0)
+    a.enabled, a.keep_prob = True, 0.5
+    a.delta.requires_grad_(True)
+    wq = WeightQuantizer(4)
+    wq.init_from(w)
+    wq.init_adaround(w)
+
+    def step(x, seed):
+        a.seed_counter = seed
+        y = torch.nn.functional.conv2d(a(x), wq(w)) + 0.01 * wq.last_reg
+        return y.square().sum()
+
+    results = []
+    for f in (step, torch.compile(step, backend="aot_eager")):
+        for p in (a.delta, wq.alpha):
+            p.grad = None
+        loss = f(x0.clone(), torch.tensor(41))
+        loss.backward()
+        results.append((loss.detach(), a.delta.grad.clone(), wq.alpha.grad.clone()))
+    for e, c in zip(*results, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6)
