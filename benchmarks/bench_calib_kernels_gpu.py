@@ -14,6 +14,8 @@ gradient, giving grad_x and grad_delta / grad_alpha). Candidates, timed in the s
 
 * ``cuda`` / ``triton``: the op with that backend forced (``pdquant_fast.ops.force``), eager,
   timed inside ``ops.deferred_checks()`` as the engine calls it (no host sync per call);
+* ``cuda-eager`` / ``triton-eager``: the same op through ``ops.*_eager`` (no ``torch.library``
+  dispatch), as the engine's quantizer modules call it;
 * ``cuda+graph`` / ``triton+graph``: the same step captured once in a CUDA graph, replayed;
 * ``reference``: the op with the plain-PyTorch reference backend (float64 grad_delta sum);
 * ``ste_eager``: the straight-through composite a PyTorch user writes (round-STE, clamp, QDrop
@@ -192,11 +194,12 @@ def fq_ste_step(case: Case, inp: dict, compiled: bool) -> Callable:
     return step
 
 
-def ada_op_step(case: Case, inp: dict) -> Callable:
+def ada_op_step(case: Case, inp: dict, eager: bool = False) -> Callable:
     alpha = inp["alpha"].clone().requires_grad_()
+    soft = ops.adaround_soft_eager if eager else ops.adaround_soft
 
     def step():
-        w_q, reg = ops.adaround_soft(
+        w_q, reg = soft(
             inp["w_floor"], alpha, inp["delta"], inp["zp"], case.bits, inp["beta"]
         )
         (ga,) = torch.autograd.grad((w_q, reg), (alpha,), (inp["grad_wq"], inp["grad_reg"]))
@@ -290,6 +293,7 @@ def candidates(case: Case, inp: dict, device: str, with_compile: bool) -> list[t
         out.append(("torch_learnable", None, lambda: fq_learnable_step(case, inp), False))
     for backend in ("cuda", "triton"):
         out.append((backend, backend, lambda: op_step(case, inp), True))
+        out.append((f"{backend}-eager", backend, lambda: op_step(case, inp, eager=True), True))
         out.append((f"{backend}+graph", backend, lambda: op_step(case, inp), True))
     return out
 

@@ -26,13 +26,16 @@ def ste_adaround(w_floor, alpha, delta, zp, n: int, beta):
     return w_q, reg
 
 
-def fq_op_step(case, inp: dict) -> Callable:
-    """One forward + backward through ``pdquant::fake_quant_act`` (backend as currently forced)."""
+def fq_op_step(case, inp: dict, eager: bool = False) -> Callable:
+    """One forward + backward through ``pdquant::fake_quant_act`` (backend as currently forced);
+    ``eager``: through ``ops.fake_quant_act_eager``, the path the quantizer modules take (same
+    kernels, no ``torch.library`` dispatch)."""
     d_param = inp["delta"].clone().requires_grad_()
+    fq = ops.fake_quant_act_eager if eager else ops.fake_quant_act
 
     def step():
         x = inp["x"].detach().requires_grad_()
-        y = ops.fake_quant_act(
+        y = fq(
             x, d_param, inp["zp"], case.bits, case.axis, case.keep_prob, inp["seed"], None
         )
         gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
