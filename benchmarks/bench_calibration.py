@@ -54,8 +54,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--backends",
         default="reference,auto",
-        help="runs, comma-separated, each BACKEND[:PD_TAIL_DTYPE] (reference|cpp|cuda|triton|auto, "
-        "float32|bfloat16; default float32), e.g. reference,auto,auto:bfloat16",
+        help="runs, comma-separated, each BACKEND[:PD_TAIL_DTYPE][+graph] "
+        "(reference|cpp|cuda|triton|auto, float32|bfloat16; default float32; +graph: "
+        "cuda_graph=True, GPU only), e.g. reference,auto,auto:bfloat16,auto+graph",
     )
     p.add_argument(
         "--device",
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
     rows, preds = [], {}
     base = None
     for run in args.backends.split(","):
-        backend, _, tail = run.partition(":")
+        graph = run.endswith("+graph")  # the reconstruction step in a CUDA graph
+        backend, _, tail = run.removesuffix("+graph").partition(":")
         tail = tail or "float32"
         ops.force(None if backend == "auto" else backend)
         try:
@@ -94,6 +96,7 @@ def main(argv=None) -> int:
                 a_bits=args.a_bits,
                 preset="resnet",
                 pd_tail_dtype=tail,
+                cuda_graph=graph,
                 iters=args.iters,
                 dc_iters=args.dc_iters,
                 seed=args.seed,
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
             "seed": args.seed,
             "backend": used,
             "pd_tail_dtype": tail,
+            "cuda_graph": graph,
             "wall_s": wall,
             "dc_s": dc_s,
             "opt_s": opt_s,
@@ -145,6 +149,7 @@ def main(argv=None) -> int:
             "iters",
             "backend",
             "pd_tail_dtype",
+            "cuda_graph",
             "wall_s",
             "dc_s",
             "opt_s",

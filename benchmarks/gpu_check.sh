@@ -65,17 +65,18 @@ PDQUANT_TRITON_TUNE=0 stage gpu-tests ${GPU_TESTS_S:-120} $PY -m pytest -m gpu -
 stage calib-step ${STEP_BENCH_S:-40} $PY benchmarks/bench_calib_step.py --device cuda --iters 30 \
   --out "$OUT"
 # a whole calibration (ResNet-20 W2A4 PD-Quant, real weights and images: needs the shared data)
-stage calibration ${CALIB_RUN_S:-60} $PY benchmarks/bench_calibration.py --device cuda \
-  --data "${PDQUANT_SHARED_DATA:-../shared/data}" --iters 100 --backends reference,auto,triton \
+stage calibration ${CALIB_RUN_S:-90} $PY benchmarks/bench_calibration.py --device cuda \
+  --data "${PDQUANT_SHARED_DATA:-../shared/data}" --iters 100 \
+  --backends reference,auto,auto+graph,triton \
   --out "$OUT"
 # both activation layouts: the conv benchmark's NCHW input costs a layout conversion per call
 for MF in contiguous channels_last; do
-  stage packed-latency ${LATENCY_S:-45} $PY benchmarks/bench_packed_latency.py --device cuda \
+  stage packed-latency ${LATENCY_S:-40} $PY benchmarks/bench_packed_latency.py --device cuda \
     --models cifar_resnet20 --formats w4a4 --batch 1 32 256 --repeat 5 --memory-format "$MF" \
     --out "$OUT"
 done
-stage deploy-kernels ${DEPLOY_BENCH_S:-60} $PY benchmarks/bench_deploy_gpu.py --sweep \
+stage deploy-kernels ${DEPLOY_BENCH_S:-50} $PY benchmarks/bench_deploy_gpu.py --sweep \
   --sections "${DEPLOY_SECTIONS:-wa16,qmm,conv}" --max-s "${SECTION_MAX_S:-45}" --out "$OUT"
-stage calib-kernels ${CALIB_BENCH_S:-45} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
+stage calib-kernels ${CALIB_BENCH_S:-40} $PY benchmarks/bench_calib_kernels_gpu.py --out "$OUT"
 echo "=== failed stages: $FAILED" | tee -a "$LOG"
 exit "$FAILED"

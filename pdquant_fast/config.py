@@ -73,6 +73,11 @@ class CalibConfig:
     # its convolutions and matmuls in bf16; the unit, its quantizers and the losses stay float32)
     pd_tail_dtype: str = "float32"
     rec_loss: bool = True  # ablation: PD loss alone when False
+    # GPU: capture each unit's reconstruction step once in a CUDA graph and replay it (needs the
+    # model and images on a CUDA device and the unit caches there; batch draws and QDrop masks
+    # from the device RNG, seeded from ``seed``; same algorithm, other random draws than the
+    # eager loop)
+    cuda_graph: bool = False
     round_loss: bool = True  # ablation: AdaRound regulariser off when False
     dist_correction: bool = True
     lamb_c: float = 0.02

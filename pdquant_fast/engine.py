@@ -283,6 +283,16 @@ class Calibrator:
                 f"the model is on {sorted(str(d) for d in model_devs)} but the calibration images "
                 f"are on {calib.device}; put both on one device (model.to(dev), images.to(dev))"
             )
+        if cfg.cuda_graph and cache not in ("auto", "device"):
+            raise ValueError(
+                f"cuda_graph=True replays a step that indexes the unit caches on the GPU: use "
+                f"cache='device' (or 'auto'), not {cache!r}"
+            )
+        if cfg.cuda_graph and calib.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graph=True captures the reconstruction step in a CUDA graph: the model and "
+                f"images must be on a CUDA device, they are on {calib.device}"
+            )
         self.cfg = cfg
         self.calib = calib.float().contiguous()
         self.log = log or (lambda s: None)
@@ -594,6 +604,21 @@ class Calibrator:
     def _optimise(self, module, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, label) -> None:
         """The per-iteration loop of spec §2.3 on ``module`` (a unit or a single layer)."""
         cfg = self.cfg
+        if cfg.cuda_graph:
+            self._optimise_static(
+                module,
+                layers,
+                acts,
+                x_q,
+                x_c,
+                y_c,
+                z_fp,
+                tail,
+                rep,
+                label,
+                capture=self.device.type == "cuda",
+            )
+            return
         alphas, deltas = [], []
         for ql in layers:
             ql.weight_quant = True
@@ -698,6 +723,159 @@ class Calibrator:
                 ql.wq.alpha.requires_grad_(False)
         for a in acts:
             a.keep_prob = 1.0
+            a.delta.requires_grad_(False)
+        rep.losses = {
+            k: sum(v) / len(v) for k, v in ((k, _floats(v)) for k, v in hist.items()) if v
+        }
+
+    def _optimise_static(
+        self, module, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, label, capture: bool
+    ) -> None:
+        """The loop of :meth:`_optimise` as one static step, captured in a CUDA graph and
+        replayed (``cfg.cuda_graph``; ``capture=False`` runs the same step eagerly, which is how
+        the CPU tests check it).
+
+        The same math per iteration, arranged so that one captured step serves every iteration:
+        batch indices and QDrop's uniform draw come from the device RNG inside the step (seeded
+        from the engine generator; the global RNG state is restored afterwards), QDrop seeds from
+        device counters, the AdaRound exponent, the regulariser's weight (0 before the warm-up
+        ends: the same gradients as leaving it out) and the step size's learning rate are device
+        tensors written in place before each replay (the rate from a CPU copy of the official
+        cosine schedule), Adam is ``capturable`` and gradients are zeroed, not freed. Three
+        iterations run eagerly on a side stream before the capture (CUDA's requirement)."""
+        cfg, dev = self.cfg, self.device
+        if any(isinstance(t, Staged) for t in (x_q, x_c, y_c, z_fp)):
+            raise ValueError("cuda_graph=True needs the unit caches on the device (cache='device')")
+        alphas, deltas = [], []
+        for ql in layers:
+            ql.weight_quant = True
+            if cfg.learn_alpha:
+                ql.wq.init_adaround(ql.org_weight)
+                alphas.append(ql.wq.alpha)
+        if cfg.learn_delta:
+            for a in acts:
+                a.delta.requires_grad_(True)
+                deltas.append(a.delta)
+        if cfg.qdrop:
+            for a in acts:
+                a.keep_prob = cfg.keep_prob
+                s0 = int(torch.randint(0, 2**62, (), generator=self.gen, device="cpu"))
+                a.seed_counter = torch.full((), s0, dtype=torch.int64, device=dev)
+        opts, lr_d = [], None
+        if alphas:
+            opts.append(torch.optim.Adam(alphas, lr=cfg.lr_alpha, capturable=capture))
+        shadow = None
+        if deltas:
+            lr_d = torch.tensor(cfg.lr_delta, device=dev) if capture else cfg.lr_delta
+            opt_d = torch.optim.Adam(deltas, lr=lr_d, capturable=capture)
+            opts.append(opt_d)
+            # the official schedule, stepped on a CPU stand-in: its rate is copied in each step
+            probe = torch.optim.SGD([torch.zeros(1, device="cpu")], lr=cfg.lr_delta)
+            probe.step()  # (no gradient: nothing changes; the scheduler expects a step first)
+            shadow = torch.optim.lr_scheduler.CosineAnnealingLR(probe, T_max=cfg.iters, eta_min=0.0)
+        beta_of = LinearTempDecay(cfg.iters, cfg.warmup, cfg.b_start, cfg.b_end)
+        n = x_q.shape[0]
+        bs = min(cfg.batch_size, n)
+        round_w = torch.zeros((), device=dev)
+        use_round = bool(alphas and cfg.round_loss)
+
+        def step():
+            idx = torch.randint(0, n, (bs,), device=dev)
+            xq = x_q[idx]
+            xin = xq
+            if cfg.qdrop:
+                u = torch.rand(xq.shape, device=dev)
+                xin = torch.where(u < cfg.keep_prob, xq, x_c[idx])
+            if tail is not None:
+                out = module(torch.cat([xin, xq]))
+                o_drop, o_q = out[:bs], out[bs:]
+            else:
+                o_drop = module(xin)
+            rec = lp_loss(o_drop, y_c[idx])
+            total = rec if cfg.rec_loss else rec.detach() * 0
+            pd = rec.new_zeros(())
+            if tail is not None:
+                pd = kl_prediction_loss(tail(o_q), z_fp[idx], cfg.temperature)
+                total = total + pd / cfg.lamb_r
+            rl = rec.new_zeros(())
+            if use_round:
+                rl = round_w * sum(ql.wq.last_reg for ql in layers)
+                total = total + rl
+            for o in opts:
+                o.zero_grad(set_to_none=False)
+            total.backward()
+            for o in opts:
+                o.step()
+            return rec.detach(), pd.detach(), rl.detach(), total.detach()
+
+        def set_iteration(it: int) -> None:
+            if alphas:
+                beta = beta_of(it)
+                for ql in layers:
+                    ql.wq.beta.fill_(beta)
+            if use_round:
+                round_w.fill_(cfg.round_weight if it >= cfg.warmup * cfg.iters else 0.0)
+            if shadow is not None:
+                lr = shadow.get_last_lr()[0]
+                if capture:
+                    lr_d.fill_(lr)
+                else:
+                    opt_d.param_groups[0]["lr"] = lr
+
+        def after_iteration(it: int, losses) -> None:
+            if shadow is not None:
+                shadow.step()
+            if it > cfg.iters - keep_last:
+                for key, v in zip(("rec", "pd", "round", "total"), losses, strict=True):
+                    hist[key].append(v.clone())
+            self._iters_done += 1
+
+        hist: dict[str, list] = {"rec": [], "pd": [], "round": [], "total": []}
+        keep_last = max(1, cfg.iters // 10)
+        warm = min(3, cfg.iters) if capture else cfg.iters
+        t_opt = time.perf_counter()
+        index = (
+            (dev.index if dev.index is not None else torch.cuda.current_device()) if capture else 0
+        )
+        seed = int(torch.randint(0, 2**62, (), generator=self.gen, device="cpu"))
+        graph = None
+        with contextlib.ExitStack() as stack:
+            # the device RNG is seeded for this loop and restored afterwards (CPU: the CPU one)
+            stack.enter_context(torch.random.fork_rng(devices=[index] if capture else []))
+            if capture:
+                stack.enter_context(torch.cuda.device(index))
+                torch.cuda.default_generators[index].manual_seed(seed)
+            else:
+                torch.random.default_generator.manual_seed(seed)
+            stack.enter_context(ops.deferred_checks())
+            side = torch.cuda.Stream() if capture else None
+            if capture:
+                side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side) if capture else contextlib.nullcontext():
+                for it in range(1, warm + 1):
+                    set_iteration(it)
+                    after_iteration(it, step())
+            if capture and warm < cfg.iters:
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static = step()
+                for it in range(warm + 1, cfg.iters + 1):
+                    set_iteration(it)
+                    graph.replay()
+                    after_iteration(it, static)
+            if capture:
+                torch.cuda.synchronize()
+        del graph
+        rep.opt_seconds += time.perf_counter() - t_opt
+        rep.opt_iters += cfg.iters
+        for ql in layers:
+            if ql.wq.mode == "soft":
+                ql.wq.mode = "hard"
+                ql.wq.alpha.requires_grad_(False)
+        for a in acts:
+            a.keep_prob = 1.0
+            a.seed_counter = None
             a.delta.requires_grad_(False)
         rep.losses = {
             k: sum(v) / len(v) for k, v in ((k, _floats(v)) for k, v in hist.items()) if v

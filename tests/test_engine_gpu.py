@@ -16,11 +16,14 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 
-def test_pdquant_w2a4_resnet20_on_cuda_reaches_the_cpu_accuracy_floor(shared_data):
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda-graph"])
+def test_pdquant_w2a4_resnet20_on_cuda_reaches_the_cpu_accuracy_floor(shared_data, cuda_graph):
     """The configuration of test_engine's accuracy-floor test (W2A4, 256 real calibration
     images, 10 iterations/unit, 2 DC steps, seed 1005; top-1 on 1,000 lossless test images),
     calibrated on the GPU: the same floors (PD-Quant >= 26%, >= RTN + 10 points). The CPU run
-    gave 30.6% (RTN 15.8%); the GPU's numerics differ, so the floor, not the number, is shared."""
+    gave 30.6% (RTN 15.8%); the GPU's numerics differ, so the floor, not the number, is shared.
+    ``cuda-graph``: each unit's step captured in a CUDA graph and replayed (``cuda_graph=True``;
+    its loop, run eagerly on the CPU, gave 30.7%)."""
     from pdquant_fast.data import open_image_source
 
     folder = shared_data / "cifar10/convnetjs_png"
@@ -33,13 +36,15 @@ def test_pdquant_w2a4_resnet20_on_cuda_reaches_the_cpu_accuracy_floor(shared_dat
     w = shared_data / "cifar10/models/akamaster_resnet/resnet20-12fca82f.th"
     model, _ = build_model("cifar_resnet20", w)
     model = model.to(dev)
-    cfg = make_config("pdquant", preset="resnet", w_bits=2, a_bits=4, iters=10, dc_iters=2)
+    cfg = make_config(
+        "pdquant", preset="resnet", w_bits=2, a_bits=4, iters=10, dc_iters=2, cuda_graph=cuda_graph
+    )
     q, rep = Calibrator(model, xc, cfg, log=None, progress=False).run()
     acc = evaluate(q, xt, yt)["top1"]
     rtn_cfg = make_config("rtn", preset="resnet", w_bits=2, a_bits=4)
     q_rtn, _ = Calibrator(model, xc, rtn_cfg, log=None, progress=False).run()
     rtn = evaluate(q_rtn, xt, yt)["top1"]
-    print(f"cuda W2A4 ResNet-20: PD-Quant {acc:.1f}%, RTN {rtn:.1f}%")
+    print(f"cuda W2A4 ResNet-20 (cuda_graph={cuda_graph}): PD-Quant {acc:.1f}%, RTN {rtn:.1f}%")
     assert acc >= 26.0, acc
     assert acc >= rtn + 10.0, (acc, rtn)
     assert all(u.dc_bn_loss_after <= u.dc_bn_loss_before for u in rep.units[:-1])
