@@ -764,14 +764,13 @@ class Calibrator:
         opts, lr_d = [], None
         if alphas:
             opts.append(torch.optim.Adam(alphas, lr=cfg.lr_alpha, capturable=capture))
-        shadow = None
+        shadow = probe = None
         if deltas:
             lr_d = torch.tensor(cfg.lr_delta, device=dev) if capture else cfg.lr_delta
             opt_d = torch.optim.Adam(deltas, lr=lr_d, capturable=capture)
             opts.append(opt_d)
             # the official schedule, stepped on a CPU stand-in: its rate is copied in each step
             probe = torch.optim.SGD([torch.zeros(1, device="cpu")], lr=cfg.lr_delta)
-            probe.step()  # (no gradient: nothing changes; the scheduler expects a step first)
             shadow = torch.optim.lr_scheduler.CosineAnnealingLR(probe, T_max=cfg.iters, eta_min=0.0)
         beta_of = LinearTempDecay(cfg.iters, cfg.warmup, cfg.b_start, cfg.b_end)
         n = x_q.shape[0]
@@ -824,6 +823,7 @@ class Calibrator:
 
         def after_iteration(it: int, losses) -> None:
             if shadow is not None:
+                probe.step()  # no gradient: changes nothing; the scheduler wants it before its step
                 shadow.step()
             if it > cfg.iters - keep_last:
                 for key, v in zip(("rec", "pd", "round", "total"), losses, strict=True):

@@ -240,11 +240,11 @@ def test_static_step_uses_the_schedules_of_the_eager_loop(monkeypatch):
 
     cfg = make_config("pdquant", preset="resnet", iters=iters)
     probe = torch.optim.SGD([torch.zeros(1)], lr=cfg.lr_delta)
-    probe.step()
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(probe, T_max=iters, eta_min=0.0)
     want = []
     for _ in range(iters):
         want.append(sched.get_last_lr()[0])
+        probe.step()
         sched.step()
     assert seen[:iters] == want  # the first unit with learned steps
     assert LinearTempDecay(iters, cfg.warmup, cfg.b_start, cfg.b_end)(1) == cfg.b_start
