@@ -829,9 +829,18 @@ class Calibrator:
                 for key, v in zip(("rec", "pd", "round", "total"), losses, strict=True):
                     hist[key].append(v.clone())
             self._iters_done += 1
+            if bar is not None:
+                bar.update(1)
+                if it % 50 == 0 or it == cfg.iters:  # a read of the loss: one sync per 50
+                    bar.set_postfix_str(self._eta_text() + f" rec={float(losses[0]):.3g}")
 
         hist: dict[str, list] = {"rec": [], "pd": [], "round": [], "total": []}
         keep_last = max(1, cfg.iters // 10)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.iters, desc=label[:28], unit="it", leave=False, dynamic_ncols=True)
         warm = min(3, cfg.iters) if capture else cfg.iters
         t_opt = time.perf_counter()
         index = (
@@ -867,6 +876,8 @@ class Calibrator:
             if capture:
                 torch.cuda.synchronize()
         del graph
+        if bar is not None:
+            bar.close()
         rep.opt_seconds += time.perf_counter() - t_opt
         rep.opt_iters += cfg.iters
         for ql in layers:
