@@ -272,12 +272,17 @@ def _fq_setup(ctx, inputs, output):
     ctx.bits, ctx.axis, ctx.keep_prob = bits, axis, keep_prob
 
 
-def _fq_backward(ctx, grad):
+def _fq_grads(ctx, grad, backward):
+    """The inputs' gradients from ``backward`` (the op, or the chosen kernel directly)."""
     x, delta, zero_point, seed, mask = ctx.saved_tensors
-    gx, gd = fake_quant_act_backward(
+    gx, gd = backward(
         grad.contiguous(), x, delta, zero_point, ctx.bits, ctx.axis, ctx.keep_prob, seed, mask
     )
     return gx, gd, None, None, None, None, None, None
+
+
+def _fq_backward(ctx, grad):
+    return _fq_grads(ctx, grad, fake_quant_act_backward)
 
 
 fake_quant_act.register_autograd(_fq_backward, setup_context=_fq_setup)
@@ -370,13 +375,14 @@ def _ada_setup(ctx, inputs, output):
     ctx.bits = bits
 
 
-def _ada_backward(ctx, grad_wq, grad_reg):
+def _ada_grads(ctx, grad_wq, grad_reg, backward):
+    """The inputs' gradients from ``backward`` (the op, or the chosen kernel directly)."""
     w_floor, alpha, delta, zero_point, beta = ctx.saved_tensors
     if grad_wq is None:
         grad_wq = torch.zeros_like(w_floor)
     if grad_reg is None:
         grad_reg = w_floor.new_zeros(())
-    g = adaround_soft_backward(
+    g = backward(
         grad_wq.contiguous(),
         grad_reg.contiguous(),
         w_floor,
@@ -389,6 +395,10 @@ def _ada_backward(ctx, grad_wq, grad_reg):
     return None, g, None, None, None, None
 
 
+def _ada_backward(ctx, grad_wq, grad_reg):
+    return _ada_grads(ctx, grad_wq, grad_reg, adaround_soft_backward)
+
+
 adaround_soft.register_autograd(_ada_backward, setup_context=_ada_setup)
 
 
@@ -396,54 +406,45 @@ adaround_soft.register_autograd(_ada_backward, setup_context=_ada_setup)
 # eager fast path of the differentiable calibration ops
 
 
+def _fq_backward_kernel(grad, x, delta, zero_point, bits, axis, keep_prob, seed, mask):
+    # the step was checked in the forward, and autograd's saved-tensor version check guarantees
+    # it has not changed since (no second check, no second sync on a GPU)
+    _check_tensor("grad", grad, torch.float32, x.device)
+    fn = _run("fake_quant_act_backward", x.device, bits)
+    return fn(grad, x, delta, zero_point, bits, axis, keep_prob, seed, mask)
+
+
+def _ada_backward_kernel(grad_wq, grad_reg, w_floor, alpha, delta, zero_point, bits, beta):
+    fn = _run("adaround_soft_backward", w_floor.device, bits)
+    return fn(grad_wq, grad_reg, w_floor, alpha, delta, zero_point, bits, beta)
+
+
 class _FakeQuantEager(torch.autograd.Function):
+    """The op's setup and gradient formula (:func:`_fq_setup`, :func:`_fq_grads`) around the
+    chosen kernels, called directly."""
+
     @staticmethod
-    def forward(ctx, x, delta, zero_point, bits, axis, keep_prob, seed, mask):
-        ctx.save_for_backward(x, delta, zero_point, seed, mask)
-        ctx.args = (bits, axis, keep_prob)
-        fn = _run("fake_quant_act", x.device, bits)
-        return fn(x, delta, zero_point, bits, axis, keep_prob, seed, mask)
+    def forward(ctx, *inputs):
+        _fq_setup(ctx, inputs, None)
+        return _run("fake_quant_act", inputs[0].device, ctx.bits)(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        x, delta, zero_point, seed, mask = ctx.saved_tensors
-        bits, axis, keep_prob = ctx.args
-        grad = grad.contiguous()
-        _check_tensor("grad", grad, torch.float32, x.device)
-        fn = _run("fake_quant_act_backward", x.device, bits)
-        # the step was checked in the forward, and autograd's saved-tensor version check
-        # guarantees it has not changed since (no second check, no second sync on a GPU)
-        gx, gd = fn(grad, x, delta, zero_point, bits, axis, keep_prob, seed, mask)
-        return gx, gd, None, None, None, None, None, None
+        return _fq_grads(ctx, grad, _fq_backward_kernel)
 
 
 class _AdaRoundSoftEager(torch.autograd.Function):
+    """The op's setup and gradient formula (:func:`_ada_setup`, :func:`_ada_grads`) around the
+    chosen kernels, called directly."""
+
     @staticmethod
-    def forward(ctx, w_floor, alpha, delta, zero_point, bits, beta):
-        ctx.save_for_backward(w_floor, alpha, delta, zero_point, beta)
-        ctx.bits = bits
-        fn = _run("adaround_soft", w_floor.device, bits)
-        return fn(w_floor, alpha, delta, zero_point, bits, beta)
+    def forward(ctx, *inputs):
+        _ada_setup(ctx, inputs, None)
+        return _run("adaround_soft", inputs[0].device, ctx.bits)(*inputs)
 
     @staticmethod
     def backward(ctx, grad_wq, grad_reg):
-        w_floor, alpha, delta, zero_point, beta = ctx.saved_tensors
-        if grad_wq is None:
-            grad_wq = torch.zeros_like(w_floor)
-        if grad_reg is None:
-            grad_reg = w_floor.new_zeros(())
-        fn = _run("adaround_soft_backward", w_floor.device, ctx.bits)
-        g = fn(
-            grad_wq.contiguous(),
-            grad_reg.contiguous(),
-            w_floor,
-            alpha,
-            delta,
-            zero_point,
-            ctx.bits,
-            beta,
-        )
-        return None, g, None, None, None, None
+        return _ada_grads(ctx, grad_wq, grad_reg, _ada_backward_kernel)
 
 
 def fake_quant_act_eager(
