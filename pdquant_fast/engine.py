@@ -601,6 +601,48 @@ class Calibrator:
         g.manual_seed(seed)
         return torch.rand(shape, generator=g, device=device)
 
+    def _start_learning(self, layers, acts) -> tuple[list, list]:
+        """Both loops' start: weight quantizers on, AdaRound variables installed, activation
+        steps learnable (as the config says); returns ``(alphas, deltas)``."""
+        cfg = self.cfg
+        alphas, deltas = [], []
+        for ql in layers:
+            ql.weight_quant = True
+            if cfg.learn_alpha:
+                ql.wq.init_adaround(ql.org_weight)
+                alphas.append(ql.wq.alpha)
+        if cfg.learn_delta:
+            for a in acts:
+                a.delta.requires_grad_(True)
+                deltas.append(a.delta)
+        return alphas, deltas
+
+    def _finish_learning(self, layers, acts, hist: dict, rep, seconds: float) -> None:
+        """Both loops' end: hard rounding, QDrop and learning off, the time and the mean losses
+        of the last iterations into ``rep``."""
+        rep.opt_seconds += seconds
+        rep.opt_iters += self.cfg.iters
+        for ql in layers:
+            if ql.wq.mode == "soft":
+                ql.wq.mode = "hard"
+                ql.wq.alpha.requires_grad_(False)
+        for a in acts:
+            a.keep_prob = 1.0
+            a.delta.requires_grad_(False)
+        rep.losses = {
+            k: sum(v) / len(v) for k, v in ((k, _floats(v)) for k, v in hist.items()) if v
+        }
+
+    def _progress_bar(self, label: str):
+        """A tqdm bar over one unit's iterations, or None without ``progress``."""
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.cfg.iters, desc=label[:28], unit="it", leave=False, dynamic_ncols=True
+        )
+
     def _optimise(self, module, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, label) -> None:
         """The per-iteration loop of spec §2.3 on ``module`` (a unit or a single layer)."""
         cfg = self.cfg
@@ -619,16 +661,7 @@ class Calibrator:
                 capture=self.device.type == "cuda",
             )
             return
-        alphas, deltas = [], []
-        for ql in layers:
-            ql.weight_quant = True
-            if cfg.learn_alpha:
-                ql.wq.init_adaround(ql.org_weight)
-                alphas.append(ql.wq.alpha)
-        if cfg.learn_delta:
-            for a in acts:
-                a.delta.requires_grad_(True)
-                deltas.append(a.delta)
+        alphas, deltas = self._start_learning(layers, acts)
         if cfg.qdrop:
             for a in acts:
                 a.keep_prob = cfg.keep_prob
@@ -647,11 +680,7 @@ class Calibrator:
         dev = self.device
         hist: dict[str, list] = {"rec": [], "pd": [], "round": [], "total": []}
         keep_last = max(1, cfg.iters // 10)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.iters, desc=label[:28], unit="it", leave=False, dynamic_ncols=True)
+        bar = self._progress_bar(label)
         t_opt = time.perf_counter()
         # On a GPU the ops check the learned steps without a host sync per call; the verdict is
         # read once, after the loop (ops.deferred_checks). On the CPU a check costs no sync.
@@ -715,18 +744,7 @@ class Calibrator:
         finally:
             if bar is not None:
                 bar.close()
-        rep.opt_seconds += time.perf_counter() - t_opt
-        rep.opt_iters += cfg.iters
-        for ql in layers:
-            if ql.wq.mode == "soft":
-                ql.wq.mode = "hard"
-                ql.wq.alpha.requires_grad_(False)
-        for a in acts:
-            a.keep_prob = 1.0
-            a.delta.requires_grad_(False)
-        rep.losses = {
-            k: sum(v) / len(v) for k, v in ((k, _floats(v)) for k, v in hist.items()) if v
-        }
+        self._finish_learning(layers, acts, hist, rep, time.perf_counter() - t_opt)
 
     def _optimise_static(
         self, module, layers, acts, x_q, x_c, y_c, z_fp, tail, rep, label, capture: bool
@@ -746,16 +764,7 @@ class Calibrator:
         cfg, dev = self.cfg, self.device
         if any(isinstance(t, Staged) for t in (x_q, x_c, y_c, z_fp)):
             raise ValueError("cuda_graph=True needs the unit caches on the device (cache='device')")
-        alphas, deltas = [], []
-        for ql in layers:
-            ql.weight_quant = True
-            if cfg.learn_alpha:
-                ql.wq.init_adaround(ql.org_weight)
-                alphas.append(ql.wq.alpha)
-        if cfg.learn_delta:
-            for a in acts:
-                a.delta.requires_grad_(True)
-                deltas.append(a.delta)
+        alphas, deltas = self._start_learning(layers, acts)
         if cfg.qdrop:
             for a in acts:
                 a.keep_prob = cfg.keep_prob
@@ -836,11 +845,7 @@ class Calibrator:
 
         hist: dict[str, list] = {"rec": [], "pd": [], "round": [], "total": []}
         keep_last = max(1, cfg.iters // 10)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.iters, desc=label[:28], unit="it", leave=False, dynamic_ncols=True)
+        bar = self._progress_bar(label)
         warm = min(3, cfg.iters) if capture else cfg.iters
         t_opt = time.perf_counter()
         index = (
@@ -878,19 +883,9 @@ class Calibrator:
         del graph
         if bar is not None:
             bar.close()
-        rep.opt_seconds += time.perf_counter() - t_opt
-        rep.opt_iters += cfg.iters
-        for ql in layers:
-            if ql.wq.mode == "soft":
-                ql.wq.mode = "hard"
-                ql.wq.alpha.requires_grad_(False)
         for a in acts:
-            a.keep_prob = 1.0
             a.seed_counter = None
-            a.delta.requires_grad_(False)
-        rep.losses = {
-            k: sum(v) / len(v) for k, v in ((k, _floats(v)) for k, v in hist.items()) if v
-        }
+        self._finish_learning(layers, acts, hist, rep, time.perf_counter() - t_opt)
 
     def _eta_text(self) -> str:
         done = self._iters_done
