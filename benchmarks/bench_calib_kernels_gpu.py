@@ -199,9 +199,7 @@ def ada_op_step(case: Case, inp: dict, eager: bool = False) -> Callable:
     soft = ops.adaround_soft_eager if eager else ops.adaround_soft
 
     def step():
-        w_q, reg = soft(
-            inp["w_floor"], alpha, inp["delta"], inp["zp"], case.bits, inp["beta"]
-        )
+        w_q, reg = soft(inp["w_floor"], alpha, inp["delta"], inp["zp"], case.bits, inp["beta"])
         (ga,) = torch.autograd.grad((w_q, reg), (alpha,), (inp["grad_wq"], inp["grad_reg"]))
         return w_q, reg, ga
 

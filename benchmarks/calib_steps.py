@@ -35,9 +35,7 @@ def fq_op_step(case, inp: dict, eager: bool = False) -> Callable:
 
     def step():
         x = inp["x"].detach().requires_grad_()
-        y = fq(
-            x, d_param, inp["zp"], case.bits, case.axis, case.keep_prob, inp["seed"], None
-        )
+        y = fq(x, d_param, inp["zp"], case.bits, case.axis, case.keep_prob, inp["seed"], None)
         gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
         return y, gx, gd
 
