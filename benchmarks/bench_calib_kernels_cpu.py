@@ -17,6 +17,9 @@ Each fake-quant / AdaRound step is one forward and one backward (``autograd.grad
 upstream gradient: grad_x and grad_delta, or grad_alpha). Candidates, timed in the same process:
 
 * ``cpp``: the public op with the C++ backend forced (QDrop mask drawn in the kernel from a seed);
+* ``cpp-eager``: the same kernels through ``ops.fake_quant_act_eager`` /
+  ``ops.adaround_soft_eager``, the path the quantizer modules take in an eager calibration (no
+  ``torch.library`` dispatch);
 * ``reference``: the public op with the plain-PyTorch reference backend (its forward composite
   and its backward composite, float64 grad_delta);
 * ``ste_eager``: the straight-through composite a PyTorch user writes,
@@ -36,6 +39,12 @@ eager/compiled composites also read a 1 B/element mask, not counted); AdaRound f
 alpha, writes w_q, bwd reads grad_wq, w_floor, alpha, writes grad_alpha: 28 N bytes.
 ``GB/s = bytes / median``; ``copy_frac = GB/s / cpu_copy_bandwidth()`` (a large copy_ measured
 in the same run, read + write counted).
+
+The run applies the glibc settings ``pdquant calibrate`` applies on the CPU
+(``pdquant_fast.deploy.memory.tune_malloc``; ``PDQUANT_TUNE_MALLOC=0`` keeps the defaults; rows
+record ``malloc_tuned``): with glibc's defaults each call's 25 MB outputs were faulted in afresh,
+which cost every candidate the same few ms (``fq_r18_l1_channel``, one thread: ours 12.5 -> 5.5
+ms, ``torch.compile`` 16.4 -> 9.4 ms).
 
 Two effects dominate on a shared 2-core machine and hit every candidate: (1) with 2 threads each
 OpenMP parallel region waits for both threads, and under load (others' jobs) the second one may
@@ -78,7 +87,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.calib_steps import fq_learnable_step, fq_op_step, ste_adaround  # noqa: E402
-from benchmarks.common import Timing, cpu_copy_bandwidth, measure, ratio, record  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Timing,
+    cpu_copy_bandwidth,
+    measure,
+    ratio,
+    record,
+    tune_malloc_like_cli,
+)
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.ops import reference as R  # noqa: E402
 
@@ -216,12 +232,12 @@ def fq_ste_step(case: Case, inp: dict, compiled: bool) -> Callable:
     return step
 
 
-def ada_op_step(case: Case, inp: dict) -> Callable:
+def ada_op_step(case: Case, inp: dict, eager: bool = False) -> Callable:
+    soft = ops.adaround_soft_eager if eager else ops.adaround_soft
+
     def step():
         alpha = inp["alpha"].detach().requires_grad_()
-        w_q, reg = ops.adaround_soft(
-            inp["w_floor"], alpha, inp["delta"], inp["zp"], case.bits, inp["beta"]
-        )
+        w_q, reg = soft(inp["w_floor"], alpha, inp["delta"], inp["zp"], case.bits, inp["beta"])
         (ga,) = torch.autograd.grad((w_q, reg), (alpha,), (inp["grad_wq"], inp["grad_reg"]))
         return w_q, reg, ga
 
@@ -268,7 +284,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> Non
 def validate(case: Case, candidate: str, out, want) -> None:
     if case.kind == "fq":
         (y, gx, gd), (y_r, gx_r, gd_r) = out, want
-        if candidate == "cpp":
+        if candidate.startswith("cpp"):
             if not (torch.equal(y, y_r) and torch.equal(gx, gx_r)):
                 raise AssertionError("cpp forward / grad_x not bit-exact with the reference")
             _close(gd, gd_r, 1e-6, "grad_delta")
@@ -315,6 +331,7 @@ def candidates_for(case: Case, compile_: bool) -> dict[str, Callable]:
         inp = fq_inputs(case)
         out = {
             "cpp": with_backend("cpp", fq_op_step(case, inp)),
+            "cpp-eager": with_backend("cpp", fq_op_step(case, inp, eager=True)),
             "reference": with_backend("reference", fq_op_step(case, inp)),
             "ste_eager": fq_ste_step(case, inp, compiled=False),
             "torch_learnable": fq_learnable_step(case, inp),
@@ -325,6 +342,7 @@ def candidates_for(case: Case, compile_: bool) -> dict[str, Callable]:
     inp = ada_inputs(case)
     out = {
         "cpp": with_backend("cpp", ada_op_step(case, inp)),
+        "cpp-eager": with_backend("cpp", ada_op_step(case, inp, eager=True)),
         "reference": with_backend("reference", ada_op_step(case, inp)),
         "ste_eager": ada_ste_step(case, inp, compiled=False),
     }
@@ -441,6 +459,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--ref-rows", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    tune_malloc_like_cli()
     torch.set_num_threads(args.threads)
     cases = CASES
     if args.cases:
@@ -472,7 +491,7 @@ def _pytest_params():
         names = (
             ["cpp", "reference"]
             if case.kind == "init"
-            else ["cpp", "reference", "ste_eager", "ste_compile"]
+            else ["cpp", "cpp-eager", "reference", "ste_eager", "ste_compile"]
             + (["torch_learnable"] if case.kind == "fq" else [])
         )
         out += [(case, name) for name in names]

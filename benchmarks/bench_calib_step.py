@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Timing, ratio, record  # noqa: E402
+from benchmarks.common import Timing, ratio, record, tune_malloc_like_cli  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.config import make_config  # noqa: E402
 from pdquant_fast.engine import Calibrator  # noqa: E402
@@ -58,9 +58,14 @@ def build_model(name: str):
 
         return CifarResNet(20).eval(), (3, 32, 32)
     if name == "resnet18":
-        import torchvision
+        # the model definitions only (a CPU torch cannot load torchvision's compiled ops)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from _torchvision import import_torchvision_models
 
-        return torchvision.models.resnet18(weights=None).eval(), (3, 224, 224)
+        tvm = import_torchvision_models()
+        if tvm is None:
+            raise SystemExit("torchvision is not installed: resnet18 needs its model definition")
+        return tvm.resnet18(weights=None).eval(), (3, 224, 224)
     raise SystemExit(f"unknown model {name!r}: choose resnet20 or resnet18")
 
 
@@ -221,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.model = args.model or ("resnet18" if args.device == "cuda" else "resnet20")
+    if args.device == "cpu":
+        tune_malloc_like_cli()
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [("reference", "reference", False), ("fused", None, False)]

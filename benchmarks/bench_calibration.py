@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import record, resnet20_cifar  # noqa: E402
+from benchmarks.common import record, resnet20_cifar, tune_malloc_like_cli  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.api import quantize  # noqa: E402
 from pdquant_fast.engine import evaluate  # noqa: E402
@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     dev = torch.device(args.device)
+    if dev.type == "cpu":
+        tune_malloc_like_cli()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, train, test = resnet20_cifar(args.data, "train", "test")

@@ -219,7 +219,26 @@ def environment(device: str = "cpu") -> dict:
         "command": command_line(),
         # PyTorch's CPU allocator on huge pages (docs/KERNELS.md: large activations)
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        # glibc keeps freed blocks in the process (pdquant_fast.deploy.memory)
+        "malloc_tuned": _malloc_tuned(),
     }
+
+
+def _malloc_tuned() -> bool:
+    from pdquant_fast.deploy import memory
+
+    return bool((memory.malloc_state() or {}).get("applied"))
+
+
+def tune_malloc_like_cli() -> dict:
+    """The glibc settings ``pdquant calibrate`` applies on the CPU (``PDQUANT_TUNE_MALLOC=0``
+    keeps glibc's defaults), so that CPU calibration benchmarks time what the command runs; rows
+    record it as ``malloc_tuned``. Process-wide: every candidate of the run shares it."""
+    from pdquant_fast.deploy import memory
+
+    if not memory.tune_malloc_enabled():
+        return {"applied": False, "reason": f"{memory.ENV}=0"}
+    return memory.tune_malloc()
 
 
 def resnet20_cifar(data: Path | str, *splits: str):

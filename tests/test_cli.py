@@ -1,6 +1,8 @@
 """CLI: a real end-to-end run on packaged images, and clear errors for bad input."""
 
 import json
+import os
+import platform
 
 import pytest
 
@@ -75,6 +77,9 @@ def test_calibrate_writes_result_json_with_required_fields(tmp_path, capsys):
         assert key in r, key
     assert r["method"] == "qdrop" and r["iters"] == 2 and r["seed"] == 3
     assert r["device"] == "cpu"  # --device's default
+    # glibc keeps freed blocks between iterations on the CPU (PDQUANT_TUNE_MALLOC=0: defaults)
+    if os.environ.get("PDQUANT_TUNE_MALLOC", "") != "0" and platform.libc_ver()[0] == "glibc":
+        assert r["malloc"]["applied"] is True, r["malloc"]
     assert r["config"]["keep_prob"] == 0.5 and r["versions"]["torch"]
     assert len(r["units"]) == 5  # ResNet-8: stem, 3 blocks, classifier
     assert "top-1" in stdout
@@ -208,6 +213,15 @@ def test_weights_for_another_model(shared_data, tmp_path, capsys):
         str(tmp_path / "o"),
     ]
     _expect_error(argv, capsys, "resnet56-4bfd9763.th")
+
+
+@needs_foolbox
+def test_calibrate_names_a_bad_malloc_setting(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PDQUANT_TUNE_MALLOC", "yes")
+    argv = ["calibrate", "--model", "cifar_resnet8", "--data", "foolbox:cifar10"]
+    argv += ["--calib-size", "4", "--iters", "1", "--no-progress", "--out", str(tmp_path / "o")]
+    _expect_error(argv, capsys, "PDQUANT_TUNE_MALLOC='yes': use 1")
+    assert not (tmp_path / "o" / "result.json").exists()
 
 
 def test_cli_puts_torchs_cpu_allocator_on_huge_pages_unless_told_otherwise():
