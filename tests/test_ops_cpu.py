@@ -117,7 +117,9 @@ def test_fake_quant_every_bit_width(isa, bits):
 
 
 @pytest.mark.parametrize("axis", [0, 1, -1, 2])
-# (8, 16, 24, 24): several chunks of partial sums (73,728 elements, 32,768 per chunk)
+# (8, 16, 24, 24): several chunks of partial sums (73,728 elements, 32,768 per chunk); on axis 1
+# its backward sums row by row with more channels than rows (>= 8 rows), while (4, 16, 8, 8) and
+# (3, 40, 1, 1) take the channel-by-channel path (fewer rows)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (4, 16, 8, 8), (3, 40, 1, 1), (8, 16, 24, 24)])
 def test_fake_quant_per_channel_4d(isa, shape, axis):
     for drop in ("none", "seed", "mask"):
