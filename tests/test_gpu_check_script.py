@@ -34,10 +34,49 @@ def test_gpu_check_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+def _time_limits() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(limits that always apply, limits inside ``if`` blocks), each as (stage or command, worst
+    case seconds): a stage inside ``for V in a b c; do ... done`` counts once per item, and every
+    plain ``timeout N`` command counts too."""
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    always, conditional = [], []
+    repeat, in_if = 1, 0
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if not line:
+            continue
+        loop = re.match(r"for \w+ in (.+?); do$", line)
+        if loop:
+            repeat = len(loop.group(1).split())
+            continue
+        if line == "done":
+            repeat = 1
+            continue
+        if re.match(r"if .*; then$", line):
+            in_if += 1
+        stage = re.search(r"\bstage ([\w-]+) (?:\$\{[A-Z_]+_S:-(\d+)\}|(\d+)) ", line)
+        plain = re.search(r"(?:^|[;&|]\s*)timeout (\d+) ", line)
+        for name, secs in (
+            [(stage.group(1), int(stage.group(2) or stage.group(3)))] if stage else []
+        ) + ([("timeout", int(plain.group(1)))] if plain else []):
+            (conditional if in_if else always).extend([(name, secs)] * repeat)
+        if line == "fi" or line.endswith("; fi"):
+            in_if -= 1
+    return always, conditional
+
+
 def test_gpu_check_budget_under_ten_minutes():
-    stage_limit = r"\bstage [\w-]+ \$\{[A-Z_]+_S:-(\d+)\}"
-    limits = [int(v) for v in re.findall(stage_limit, SCRIPT.read_text())]
-    assert len(limits) >= 6 and sum(limits) < 600, limits
+    """The device tool runs one command for at most 600 s: the stages' worst case (every stage
+    at its limit, a looped stage once per item) must fit. A failed CUDA build adds the
+    ``build-without-cuda`` fallback on top; the stages run in priority order, so the limit
+    then cuts the last ones (their rows are missing, the log says so)."""
+    always, conditional = _time_limits()
+    names = [n for n, _ in always]
+    assert names.count("packed-latency") == 2, always  # the layout loop
+    assert {"build", "gpu-tests", "calibration", "calib-kernels"} <= set(names), always
+    assert [n for n, _ in conditional] == ["build-without-cuda"], conditional
+    total = sum(s for _, s in always)
+    assert total < 600, f"worst case {total} s: {always}"
 
 
 @pytest.mark.parametrize("cmd", _stage_commands(), ids=lambda c: Path(c[0]).stem)
