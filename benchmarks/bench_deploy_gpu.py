@@ -229,7 +229,7 @@ def _wa16_sweep(dl, case, x, w, scale, zero, bits, group, t_fp16) -> list[dict]:
         n, wbs, fixed = w.n, (w.word_bits,), w.block_kw
     else:
         n, wbs, fixed = w.shape[0], tuple(dl._word_views(w)), 0
-    p = dl._WA16Problem(m, n, k, bits, group)
+    p = dl._WA16Problem(m, n, k, bits, group, x.dtype == zero.dtype == torch.float16)
     for cfg in dict.fromkeys(dl.wa16_candidates(p, wbs, x.device, fixed)):
         try:
             t = measure(

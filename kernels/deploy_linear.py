@@ -43,7 +43,9 @@ the kernels take either (they are stride-generic).
 
 Accuracy of ``linear_wa16``: the codes, ``x`` and every product are exact; only the fp32 sums
 (tensor-core or FMA order), the per-group scaling in fp32 and the final rounding to fp16/bf16
-differ from a float64 computation (tests: ``tests/test_deploy_triton.py``).
+differ from a float64 computation (tests: ``tests/test_deploy_triton.py``). One exception: the
+``dot`` kernel rounds ``c - z`` to x's dtype before the tensor-core product, which is exact for
+integer zero points (as in the tests) and one rounding per weight otherwise.
 """
 
 from __future__ import annotations
@@ -416,6 +418,7 @@ def _wa16_dot_kernel(
     I0: tl.constexpr,
     EVEN_K: tl.constexpr,
     ILV: tl.constexpr,
+    HALF_MAGIC: tl.constexpr,
 ):
     """Tensor-core W{2,4}A16, computed transposed: y^T[n, m] = sum_k (c - z)[n, k] x^T[k, m].
 
@@ -425,6 +428,14 @@ def _wa16_dot_kernel(
     of K = BLOCK_KW between (c_i - z) in x's type and the activation columns E*j + i. c - z is
     computed in fp32 (exact) and rounded once to fp16/bf16: exact for integer zero points (codes
     and zeros < 2^8). Per group the fp32 partial is scaled once; fp32 accumulation throughout.
+
+    ``HALF_MAGIC`` (fp16 x and fp16 zero points): the code becomes fp16 without a float
+    conversion instruction (fp32 -> fp16 conversions run at a fraction of the FP32 rate):
+    ``bits(c | 0x6400)`` is the fp16 ``1024 + c``, minus 1024 is ``c`` exactly, and ``c - z`` is
+    then one fp16 subtraction: the same single rounding of the exact ``c - z`` as the fp32 path,
+    so both give the same operand bits (tests/test_deploy_triton.py checks the outputs are
+    equal). Not offered for bf16: Triton's interpreter bitcasts int16 to bf16 wrongly, so that
+    variant could not be checked without a GPU.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -442,8 +453,12 @@ def _wa16_dot_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     w_rows = w_ptr + cols[:, None] * stride_wn
     x_rows = x_ptr + rows[:, None] * stride_xm
+    if HALF_MAGIC:  # fp16 zero points stay fp16 (the launcher checks x and zero are fp16)
+        ZT = tl.float16
+    else:
+        ZT = tl.float32
     if GROUP == 0:
-        z = tl.load(z_ptr + cols * stride_sn).to(tl.float32)
+        z = tl.load(z_ptr + cols * stride_sn).to(ZT)
     for j0 in range(j_begin, j_end, BLOCK_KW):
         jj = j0 + offs_j
         if EVEN_K:
@@ -453,7 +468,7 @@ def _wa16_dot_kernel(
             words = words.to(tl.int32)
         if GROUP > 0:
             g = (j0 * EPW) // GROUP
-            z = tl.load(z_ptr + cols * stride_sn + g * stride_sg).to(tl.float32)
+            z = tl.load(z_ptr + cols * stride_sn + g * stride_sg).to(ZT)
             part = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         hi = words >> (BITS * I0)
         for i in tl.static_range(EPW):
@@ -463,14 +478,20 @@ def _wa16_dot_kernel(
             else:
                 k_ok = (jj < j_end) & (kk < K)
                 xi = tl.load(x_rows + kk[None, :], mask=k_ok[None, :], other=0.0)
-            # c * 2**b in place (no shift), then c = that * 2**-b - 2**(23-b), exact (one FFMA)
-            if i < I0:
+            if HALF_MAGIC:
+                # low 16 bits (c | 0x6400): the fp16 1024 + c; minus 1024: c, exactly
+                c16 = (((words >> (BITS * i)) & MASK) | 0x6400).to(tl.int16)
+                c = c16.to(tl.float16, bitcast=True) - 1024.0
+                a = c - z[:, None]
+            elif i < I0:
+                # c * 2**b in place (no shift), then c = that * 2**-b - 2**(23-b), exact (FFMA)
                 cb = ((words & (MASK << (BITS * i))) | _MAGIC_F32).to(tl.float32, bitcast=True)
                 c = cb * (1.0 / (1 << (BITS * i))) - (8388608.0 / (1 << (BITS * i)))
+                a = (c - z[:, None]).to(x_ptr.dtype.element_ty)
             else:
                 cb = ((hi & (MASK << (BITS * (i - I0)))) | _MAGIC_F32).to(tl.float32, bitcast=True)
                 c = cb * (1.0 / (1 << (BITS * (i - I0)))) - (8388608.0 / (1 << (BITS * (i - I0))))
-            a = (c - z[:, None]).to(x_ptr.dtype.element_ty)
+                a = (c - z[:, None]).to(x_ptr.dtype.element_ty)
             if GROUP > 0:
                 part = tl.dot(a, tl.trans(xi), part)
             else:
@@ -608,6 +629,7 @@ class WA16Config:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = False  # fma only: load step t+1's words before step t's math
+    half_magic: bool = False  # dot only: codes to fp16 by bit pattern (fp16 x and zero)
 
 
 @dataclass(frozen=True)
@@ -617,6 +639,7 @@ class _WA16Problem:
     k: int
     bits: int
     group: int
+    fp16_zero: bool = False  # fp16 x and zero points: the dot kernel's half_magic variant
 
 
 def _num_sms(device: torch.device) -> int:
@@ -679,9 +702,12 @@ def wa16_candidates(
             split = _split_for(p.n, kw_of(wb), bn, bkw, sms, 2) if p.m <= 64 else 1
             dot.append(WA16Config("dot", wb, bm, bn, bkw, split, 4, 3))
     fma += [replace(c, prefetch=True) for c in fma[:2]]
+    # the same tiles without the fp32 -> fp16 conversions (after the heuristic default,
+    # which stays the first candidate: untuned runs keep the path timed so far)
+    half = [replace(c, half_magic=True) for c in dot] if p.fp16_zero else []
     if p.m <= 4 or not dot:
-        return fma + dot[:3]
-    return dot + (fma[:2] if p.m <= 8 else [])
+        return fma + dot[:3] + half[:1]
+    return dot + half + (fma[:2] if p.m <= 8 else [])
 
 
 def _launch_wa16(x, views, scale, zero, y, p: _WA16Problem, cfg: WA16Config, ilv: bool):
@@ -721,7 +747,7 @@ def _launch_wa16(x, views, scale, zero, y, p: _WA16Problem, cfg: WA16Config, ilv
         I0=min(23 // p.bits, epw),
         EVEN_K=kw % cfg.block_kw == 0 and p.k == kw * epw,
         ILV=ilv,
-        **({"PREFETCH": cfg.prefetch} if cfg.kernel == "fma" else {}),
+        **({"PREFETCH": cfg.prefetch} if cfg.kernel == "fma" else {"HALF_MAGIC": cfg.half_magic}),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -790,7 +816,7 @@ def linear_wa16_triton(
         return y
     if k == 0:
         return y.zero_()
-    p = _WA16Problem(m, n, k, bits, group)
+    p = _WA16Problem(m, n, k, bits, group, x.dtype == zero.dtype == torch.float16)
 
     if fixed_kw and group and group % (fixed_kw * (w_packed.word_bits // bits)):
         raise ValueError(
@@ -812,12 +838,18 @@ def linear_wa16_triton(
             tuple(sorted(views)),
             isinstance(w_packed, WA16Packed),
             x.dtype,
+            zero.dtype,
             str(x.device),
         )
         config = pick_config(
             key + (fixed_kw,),
             lambda: wa16_candidates(p, tuple(views), x.device, fixed_kw),
             launch,
+        )
+    elif config.half_magic and (config.kernel != "dot" or not p.fp16_zero):
+        raise ValueError(
+            f"linear_wa16: half_magic is a dot-kernel option for fp16 x and fp16 zero points; "
+            f"got kernel {config.kernel!r}, x {x.dtype}, zero {zero.dtype}"
         )
     elif config.word_bits not in views or (fixed_kw and config.block_kw != fixed_kw):
         raise ValueError(

@@ -39,8 +39,9 @@ from pdquant_fast.kernels import deploy_linear as dl  # noqa: E402
 
 
 def _configs(m, n, k, bits, group, wp):
-    """Every candidate launch configuration of this shape (fma/dot, int32/byte words, split)."""
-    p = dl._WA16Problem(m, n, k, bits, group)
+    """Every candidate launch configuration of this shape (fma/dot, int32/byte words, split,
+    the dot kernel's half_magic variants: the inputs here are fp16 x and fp16 zero points)."""
+    p = dl._WA16Problem(m, n, k, bits, group, fp16_zero=True)
     cfgs = dl.wa16_candidates(p, tuple(dl._word_views(wp)), wp.device)
     if not any(c.kernel == "fma" for c in cfgs):  # M > 8: not a candidate, but must be right
         bkw = min(64, group // (8 // bits)) if group else 64
@@ -142,6 +143,61 @@ def test_linear_wa16_zero_point_fold_is_exact_for_integer_inputs():
     for cfg in _configs(m, n, k, bits, group, dev[1]):
         y = dl.linear_wa16_triton(*dev, bits, group, config=cfg)
         assert torch.equal(y.cpu(), ref), cfg
+
+
+@pytest.mark.parametrize(
+    "m,n,k,bits,group,layout",
+    [
+        (3, 40, 512, 4, 128, "plain"),
+        (16, 24, 256, 2, 0, "plain"),  # int32 and byte words
+        (5, 33, 300, 2, 64, "plain"),  # ragged K: byte words, partial last group
+        (9, 20, 512, 4, 0, "interleaved"),
+    ],
+)
+def test_linear_wa16_half_magic_is_the_dot_kernel_bit_for_bit(m, n, k, bits, group, layout):
+    """The dot kernel's ``half_magic`` variant (codes to fp16 by bit pattern, ``c - z`` in one
+    fp16 subtraction) gives the same output bits as the same tiles through fp32, also with zero
+    points that are not integers (both round the exact ``c - z`` to fp16 once; that rounding is
+    outside ``assert_wa16_close``'s budget, which holds for integer zero points)."""
+    from dataclasses import replace
+
+    x, wp, scale, zero = wa16_inputs(m, n, k, bits, group, device=DEVICE, seed=k + m)
+    zero_frac = (zero.float() + torch.rand(zero.shape, device=zero.device)).half()
+    w = wp
+    if layout == "interleaved":
+        w = dl.linear_wa16_prepack(wp, bits, k, word_bits=32, interleave_kw=16)
+        p = dl._WA16Problem(m, n, k, bits, group, fp16_zero=True)
+        cfgs = dl.wa16_candidates(p, (32,), x.device, 16)
+    else:
+        cfgs = _configs(m, n, k, bits, group, wp)
+    half = [c for c in cfgs if c.half_magic]
+    assert half and all(c.kernel == "dot" for c in half)
+    for cfg in half:
+        for z in (zero, zero_frac):
+            y_half = dl.linear_wa16_triton(x, w, scale, z, bits, group, config=cfg)
+            y_f32 = dl.linear_wa16_triton(
+                x, w, scale, z, bits, group, config=replace(cfg, half_magic=False)
+            )
+            assert torch.equal(y_half, y_f32), cfg
+        y_half = dl.linear_wa16_triton(x, w, scale, zero, bits, group, config=cfg)
+        assert_wa16_close(y_half, x, wp, scale, zero, bits, group)
+
+
+def test_linear_wa16_half_magic_only_for_fp16_zero_points():
+    m, n, k, bits, group = 16, 24, 256, 4, 0
+    x, wp, scale, zero = wa16_inputs(m, n, k, bits, group, device=DEVICE, seed=5)
+    views = tuple(dl._word_views(wp))
+    fp16 = dl.wa16_candidates(dl._WA16Problem(m, n, k, bits, group, True), views, x.device)
+    other = dl.wa16_candidates(dl._WA16Problem(m, n, k, bits, group, False), views, x.device)
+    assert any(c.half_magic for c in fp16) and not any(c.half_magic for c in other)
+    assert fp16[0] == other[0]  # the untuned default is unchanged
+    cfg = next(c for c in fp16 if c.half_magic)
+    for z in (zero.float(), zero.to(torch.bfloat16)):
+        s = scale.to(z.dtype)
+        with pytest.raises(ValueError, match="half_magic is a dot-kernel option for fp16"):
+            dl.linear_wa16_triton(x, wp, s, z, bits, group, config=cfg)
+    y = dl.linear_wa16_triton(x, wp, scale.float(), zero.float(), bits, group)  # tuner's pick
+    assert_wa16_close(y, x, wp, scale, zero, bits, group)
 
 
 def test_linear_wa16_op_dispatches_to_triton():
