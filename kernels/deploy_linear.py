@@ -706,7 +706,7 @@ def wa16_candidates(
     # which stays the first candidate: untuned runs keep the path timed so far)
     half = [replace(c, half_magic=True) for c in dot] if p.fp16_zero else []
     if p.m <= 4 or not dot:
-        return fma + dot[:3] + half[:1]
+        return fma + dot[:3] + half[:3]
     return dot + half + (fma[:2] if p.m <= 8 else [])
 
 
