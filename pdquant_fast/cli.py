@@ -246,7 +246,17 @@ def _check_run_options(args) -> None:
         )
     if args.threads is not None and args.threads < 1:
         raise CliError(f"--threads must be a positive integer, got {args.threads}")
-    _device(args)
+    if _device(args).type == "cpu":
+        _malloc_enabled()  # a bad PDQUANT_TUNE_MALLOC fails here, before anything loads
+
+
+def _malloc_enabled() -> bool:
+    from .deploy import memory
+
+    try:
+        return memory.tune_malloc_enabled()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _tune_malloc_for(dev: torch.device) -> dict | None:
@@ -260,11 +270,7 @@ def _tune_malloc_for(dev: torch.device) -> dict | None:
 
     if dev.type != "cpu":
         return None
-    try:
-        enabled = memory.tune_malloc_enabled()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    if not enabled:
+    if not _malloc_enabled():
         return {"applied": False, "reason": f"{memory.ENV}=0"}
     return memory.tune_malloc()
 
