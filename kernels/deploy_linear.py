@@ -434,8 +434,9 @@ def _wa16_dot_kernel(
     ``bits(c | 0x6400)`` is the fp16 ``1024 + c``, minus 1024 is ``c`` exactly, and ``c - z`` is
     then one fp16 subtraction: the same single rounding of the exact ``c - z`` as the fp32 path,
     so both give the same operand bits (tests/test_deploy_triton.py checks the outputs are
-    equal). Not offered for bf16: Triton's interpreter bitcasts int16 to bf16 wrongly, so that
-    variant could not be checked without a GPU.
+    equal). Not offered for bf16: Triton's interpreter does not support bf16 arithmetic (it keeps
+    bf16 as uint16 bit patterns; its debugging guide says so, triton-lang/triton#11584), so a
+    bf16 variant could not be checked without a GPU.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
