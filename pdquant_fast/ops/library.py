@@ -419,32 +419,31 @@ def _ada_backward_kernel(grad_wq, grad_reg, w_floor, alpha, delta, zero_point, b
     return fn(grad_wq, grad_reg, w_floor, alpha, delta, zero_point, bits, beta)
 
 
-class _FakeQuantEager(torch.autograd.Function):
-    """The op's setup and gradient formula (:func:`_fq_setup`, :func:`_fq_grads`) around the
-    chosen kernels, called directly."""
+def _eager_function(name: str, op: str, setup, grads, backward_kernel):
+    """A plain ``torch.autograd.Function`` (the eager fast path of ``op``): the op's own setup
+    and gradient formula (``setup``, ``grads``) around the chosen kernels, called directly."""
 
-    @staticmethod
     def forward(ctx, *inputs):
-        _fq_setup(ctx, inputs, None)
-        return _run("fake_quant_act", inputs[0].device, ctx.bits)(*inputs)
+        setup(ctx, inputs, None)
+        return _run(op, inputs[0].device, ctx.bits)(*inputs)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _fq_grads(ctx, grad, _fq_backward_kernel)
+    def backward(ctx, *grad_outputs):
+        return grads(ctx, *grad_outputs, backward_kernel)
+
+    # type(): the Function's name also names its autograd node (``<name>Backward`` in profiles)
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
 
 
-class _AdaRoundSoftEager(torch.autograd.Function):
-    """The op's setup and gradient formula (:func:`_ada_setup`, :func:`_ada_grads`) around the
-    chosen kernels, called directly."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        _ada_setup(ctx, inputs, None)
-        return _run("adaround_soft", inputs[0].device, ctx.bits)(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad_wq, grad_reg):
-        return _ada_grads(ctx, grad_wq, grad_reg, _ada_backward_kernel)
+_FakeQuantEager = _eager_function(
+    "_FakeQuantEager", "fake_quant_act", _fq_setup, _fq_grads, _fq_backward_kernel
+)
+_AdaRoundSoftEager = _eager_function(
+    "_AdaRoundSoftEager", "adaround_soft", _ada_setup, _ada_grads, _ada_backward_kernel
+)
 
 
 def fake_quant_act_eager(
