@@ -59,7 +59,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.calib_steps import fq_learnable_step, fq_op_step, ste_adaround  # noqa: E402
+from benchmarks.calib_steps import (  # noqa: E402
+    ada_op_step,
+    fq_learnable_step,
+    fq_op_step,
+    ste_adaround,
+)
 from benchmarks.common import Timing, gpu_hbm_peak, measure, record  # noqa: E402
 from pdquant_fast import ops  # noqa: E402
 from pdquant_fast.ops import backends  # noqa: E402
@@ -190,18 +195,6 @@ def fq_ste_step(case: Case, inp: dict, compiled: bool) -> Callable:
         y = fn(x, _bview(d_param, case), zp, n, case.keep_prob)
         gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
         return y, gx, gd
-
-    return step
-
-
-def ada_op_step(case: Case, inp: dict, eager: bool = False) -> Callable:
-    alpha = inp["alpha"].clone().requires_grad_()
-    soft = ops.adaround_soft_eager if eager else ops.adaround_soft
-
-    def step():
-        w_q, reg = soft(inp["w_floor"], alpha, inp["delta"], inp["zp"], case.bits, inp["beta"])
-        (ga,) = torch.autograd.grad((w_q, reg), (alpha,), (inp["grad_wq"], inp["grad_reg"]))
-        return w_q, reg, ga
 
     return step
 

@@ -6,7 +6,10 @@
   (whichever backend is forced when it runs). ``case`` needs ``bits``, ``axis`` and
   ``keep_prob``; ``inp`` holds ``x``, ``delta``, ``zp``, ``seed`` and the upstream ``grad``;
 * :func:`fq_learnable_step`: the same through PyTorch's learnable fake-quant op (the baseline;
-  ``case`` also needs ``per_channel``).
+  ``case`` also needs ``per_channel``);
+* :func:`ada_op_step`: one forward + backward through the public ``pdquant::adaround_soft`` op.
+  ``case`` needs ``bits``; ``inp`` holds ``w_floor``, ``alpha``, ``delta``, ``zp``, ``beta`` and
+  the upstream ``grad_wq`` and ``grad_reg``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,21 @@ def fq_op_step(case, inp: dict, eager: bool = False) -> Callable:
         y = fq(x, d_param, inp["zp"], case.bits, case.axis, case.keep_prob, inp["seed"], None)
         gx, gd = torch.autograd.grad(y, (x, d_param), inp["grad"])
         return y, gx, gd
+
+    return step
+
+
+def ada_op_step(case, inp: dict, eager: bool = False) -> Callable:
+    """One forward + backward through ``pdquant::adaround_soft`` (backend as currently forced);
+    ``eager``: through ``ops.adaround_soft_eager``, the path the quantizer modules take. ``alpha``
+    is cloned once, so a captured CUDA graph replays on fixed storage."""
+    alpha = inp["alpha"].clone().requires_grad_()
+    soft = ops.adaround_soft_eager if eager else ops.adaround_soft
+
+    def step():
+        w_q, reg = soft(inp["w_floor"], alpha, inp["delta"], inp["zp"], case.bits, inp["beta"])
+        (ga,) = torch.autograd.grad((w_q, reg), (alpha,), (inp["grad_wq"], inp["grad_reg"]))
+        return w_q, reg, ga
 
     return step
 
