@@ -52,7 +52,7 @@ from .qmodel import (
     unit_act_quantizers,
     unit_layers,
 )
-from .quant import LinearTempDecay, kl_prediction_loss, lp_loss
+from .quant import LinearTempDecay, draw_seed, kl_prediction_loss, lp_loss
 
 
 @dataclass
@@ -594,7 +594,7 @@ class Calibrator:
         generator's state alone."""
         if device.type == "cpu":
             return torch.rand(shape, generator=self.gen, device="cpu")
-        seed = int(torch.randint(0, 2**62, (), generator=self.gen, device="cpu"))
+        seed = draw_seed(self.gen)
         g = self._device_gens.get(device)
         if g is None:
             g = self._device_gens[device] = torch.Generator(device=device)
@@ -768,8 +768,7 @@ class Calibrator:
         if cfg.qdrop:
             for a in acts:
                 a.keep_prob = cfg.keep_prob
-                s0 = int(torch.randint(0, 2**62, (), generator=self.gen, device="cpu"))
-                a.seed_counter = torch.full((), s0, dtype=torch.int64, device=dev)
+                a.seed_counter = torch.full((), draw_seed(self.gen), dtype=torch.int64, device=dev)
         opts, lr_d = [], None
         if alphas:
             opts.append(torch.optim.Adam(alphas, lr=cfg.lr_alpha, capturable=capture))
@@ -851,7 +850,7 @@ class Calibrator:
         index = (
             (dev.index if dev.index is not None else torch.cuda.current_device()) if capture else 0
         )
-        seed = int(torch.randint(0, 2**62, (), generator=self.gen, device="cpu"))
+        seed = draw_seed(self.gen)
         graph = None
         with contextlib.ExitStack() as stack:
             # the device RNG is seeded for this loop and restored afterwards (CPU: the CPU one)

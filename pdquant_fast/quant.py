@@ -423,7 +423,7 @@ class ActQuantizer(nn.Module):
             if self.seed_counter is not None:
                 seed = self.seed_counter.add_(1).clone()
             else:
-                s = int(torch.randint(0, 2**62, (), generator=self.generator, device="cpu"))
+                s = draw_seed(self.generator)
                 # a fill kernel on x's device, not a copy from host memory (which would make the
                 # host wait for the GPU)
                 seed = torch.full((), s, dtype=torch.int64, device=x.device)
@@ -436,6 +436,12 @@ class ActQuantizer(nn.Module):
             f"bits={self.bits}, enabled={self.enabled}, signed={self.signed}, "
             f"keep_prob={self.keep_prob}"
         )
+
+
+def draw_seed(gen: torch.Generator) -> int:
+    """One seed in [0, 2**62) from the CPU generator ``gen`` (QDrop masks, device generators):
+    a host-side draw, so no tensor on an accelerator is read back for it."""
+    return int(torch.randint(0, 2**62, (), generator=gen, device="cpu"))
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
